@@ -1,0 +1,23 @@
+"""pmod: p-MoD LLaVA-style models whose decoder skips most vision tokens in deep layers.
+
+    import pmod
+    model = pmod.from_pretrained("path/or/hub-id", dtype=torch.float32)
+    out = model(input_ids=ids, images=pixels)        # ids hold pmod.IMAGE_TOKEN_INDEX where images go
+"""
+from __future__ import annotations
+
+from pmod.cache import PmodCache
+from pmod.config import ModConfig, PmodConfig, TextConfig, VisionConfig
+from pmod.io import from_pretrained, load_config, save_pretrained
+from pmod.modeling.llava import PmodForConditionalGeneration, PmodOutput
+from pmod.modeling.mod import RoutingRecord
+from pmod.packing import IMAGE_TOKEN_INDEX, IGNORE_INDEX
+from pmod.schedule import prd_schedule
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "IMAGE_TOKEN_INDEX", "IGNORE_INDEX", "PmodConfig", "TextConfig", "VisionConfig", "ModConfig",
+    "PmodForConditionalGeneration", "PmodOutput", "PmodCache", "RoutingRecord",
+    "from_pretrained", "load_config", "save_pretrained", "prd_schedule",
+]

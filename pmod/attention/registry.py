@@ -1,0 +1,56 @@
+"""Name -> backend table, and the automatic choice (flash on CUDA when installed, else SDPA)."""
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from pmod.attention import eager, sdpa
+
+__all__ = ["AttentionBackend", "BACKENDS", "available_backends", "resolve_backend", "flash_attn_available"]
+
+
+@dataclass(frozen=True)
+class AttentionBackend:
+    name: str
+    prefill: Callable
+    decode: Callable
+
+
+def flash_attn_available() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
+
+
+def _flash() -> AttentionBackend:
+    from pmod.attention import flash
+
+    return AttentionBackend("flash", flash.prefill, flash.decode)
+
+
+BACKENDS: dict[str, Callable[[], AttentionBackend]] = {
+    "eager": lambda: AttentionBackend("eager", eager.prefill, eager.decode),
+    "sdpa": lambda: AttentionBackend("sdpa", sdpa.prefill, sdpa.decode),
+    "flash": _flash,
+}
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    names = ["eager", "sdpa"]
+    if flash_attn_available() and torch.device(device).type == "cuda":
+        names.append("flash")
+    return names
+
+
+def resolve_backend(name: str | None, device: torch.device | str = "cpu") -> AttentionBackend:
+    """'auto' (or None) picks flash on CUDA when flash-attn is installed, SDPA otherwise."""
+    name = name or "auto"
+    if name == "auto":
+        name = "flash" if "flash" in available_backends(device) else "sdpa"
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; expected 'auto' or one of {sorted(BACKENDS)}")
+    if name == "flash" and not flash_attn_available():
+        raise RuntimeError("attention backend 'flash' needs the flash-attn package and a CUDA device; "
+                           "install pmod[flash] on a GPU machine or use attn_backend='sdpa'")
+    return BACKENDS[name]()

@@ -1,0 +1,48 @@
+"""PyTorch fused attention (F.scaled_dot_product_attention), the default off-GPU and without flash-attn.
+
+Prefill runs each packed row as its own causal call: no block-diagonal [N, N] mask is ever built,
+and each call can take SDPA's flash / memory-efficient kernels (`is_causal=True`, no mask).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from pmod.packing import Varlen
+
+__all__ = ["prefill", "decode"]
+
+
+def _heads_first(x: torch.Tensor) -> torch.Tensor:
+    return x.transpose(0, 1).unsqueeze(0)  # [n, h, D] -> [1, h, n, D]
+
+
+def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, varlen: Varlen, scale: float) -> torch.Tensor:
+    gqa = q.shape[1] != k.shape[1]
+    if len(varlen.lens) == 1:
+        o = F.scaled_dot_product_attention(_heads_first(q), _heads_first(k), _heads_first(v), is_causal=True,
+                                           scale=scale, enable_gqa=gqa)
+        return o[0].transpose(0, 1)
+    out = torch.empty_like(q)
+    start = 0
+    for n in varlen.lens:  # host lengths: no device sync
+        s = slice(start, start + n)
+        o = F.scaled_dot_product_attention(_heads_first(q[s]), _heads_first(k[s]), _heads_first(v[s]), is_causal=True,
+                                           scale=scale, enable_gqa=gqa)
+        out[s] = o[0].transpose(0, 1)
+        start += n
+    return out
+
+
+def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlens: torch.Tensor, scale: float) -> torch.Tensor:
+    S = k_cache.shape[1]
+    valid = torch.arange(S, device=q.device)[None, :] < seqlens[:, None]  # [B, S]
+    o = F.scaled_dot_product_attention(
+        q[:, :, None],  # [B, H, 1, D]
+        k_cache.transpose(1, 2),  # [B, G, S, D]
+        v_cache.transpose(1, 2),
+        attn_mask=valid[:, None, None, :],
+        scale=scale,
+        enable_gqa=q.shape[1] != k_cache.shape[2],
+    )
+    return o[:, :, 0]

@@ -1,0 +1,74 @@
+"""Declarative checkpoint key maps: ordered (pattern, replacement) rules that fail loudly.
+
+A rule's replacement `None` drops the key (buffers that older checkpoints saved). A key that no
+rule matches is an error that lists every such key, never silently ignored.
+"""
+from __future__ import annotations
+
+import re
+
+__all__ = ["KeyMap", "OFFICIAL_PMOD", "OURS"]
+
+
+class KeyMap:
+    def __init__(self, name: str, rules: list[tuple[str, str | None]]):
+        self.name = name
+        self.rules = [(re.compile(p), r) for p, r in rules]
+
+    def map_key(self, key: str) -> str | None | bool:
+        """The new name, None to drop, or False when no rule matches."""
+        for pat, rep in self.rules:
+            if pat.fullmatch(key):
+                return None if rep is None else pat.sub(rep, key)
+        return False
+
+    def remap(self, keys) -> dict[str, str]:
+        """{source key: target key} for every kept key; raises naming all unmatched keys."""
+        out, unknown = {}, []
+        for k in keys:
+            new = self.map_key(k)
+            if new is False:
+                unknown.append(k)
+            elif new is not None:
+                out[k] = new
+        if unknown:
+            raise KeyError(f"{self.name} checkpoint: {len(unknown)} key(s) match no known parameter: {_show(unknown)}")
+        return out
+
+
+def _show(keys: list[str], n: int = 12) -> str:
+    keys = sorted(keys)
+    more = f" ... and {len(keys) - n} more" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+OURS = KeyMap("pmod", [(r".+", r"\g<0>")])
+
+# Official p-MoD (MCG-NJU/p-MoD, config `pmod_llava_llama`), saved with transformers 4.37.
+OFFICIAL_PMOD = KeyMap(
+    "official p-MoD",
+    [
+        (r"model\.layers\.(\d+)\.decoder_layer\.self_attn\.rotary_emb\.inv_freq", None),
+        (r"model\.layers\.(\d+)\.self_attn\.rotary_emb\.inv_freq", None),
+        (r"model\.layers\.(\d+)\.decoder_layer\.(.+)", r"language_model.layers.\1.\2"),
+        (r"model\.layers\.(\d+)\.router\.router\.(weight|bias)", r"language_model.routers.\1.\2"),
+        (r"model\.layers\.(\d+)\.(.+)", r"language_model.layers.\1.\2"),
+        (r"model\.embed_tokens\.weight", "language_model.embed_tokens.weight"),
+        (r"model\.norm\.weight", "language_model.norm.weight"),
+        (r"lm_head\.weight", "lm_head.weight"),
+        (r"model\.mm_projector\.(.+)", r"projector.\1"),
+        (r"model\.vision_tower\.vision_tower\.vision_model\.embeddings\.position_ids", None),
+        (r"model\.vision_tower\.vision_tower\.vision_model\.(.+)", r"vision_tower.model.\1"),
+        (r"model\.image_newline", "image_newline"),
+    ],
+)
+
+# A CLIP tower's own checkpoint (CLIPVisionModel or a full CLIPModel), for checkpoints that did not save it.
+CLIP_TOWER = KeyMap(
+    "CLIP vision tower",
+    [
+        (r"(?:vision_model\.)?embeddings\.position_ids", None),
+        (r"vision_model\.(.+)", r"vision_tower.model.\1"),
+        (r"(text_model|text_projection|visual_projection|logit_scale)(\..+)?", None),
+    ],
+)

@@ -1,0 +1,103 @@
+"""A LLaMA-family decoder layer over packed tokens: RMSNorm, RoPE attention with GQA, SwiGLU MLP.
+
+Parameter names follow transformers (`self_attn.q_proj`, `mlp.gate_proj`, `input_layernorm`, ...),
+so checkpoint key maps stay thin. The layer exposes its two halves, `attend` (h + Attn(norm(h)))
+and `feed_forward` (MLP(norm(h))), because a MoD layer scales only the MLP delta.
+Legend: N tokens, C hidden, H/G query/kv heads, D head dim, F intermediate.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pmod.attention import AttentionBackend
+from pmod.cache import PmodCache
+from pmod.config import TextConfig
+from pmod.modeling.rope import apply_rope
+from pmod.packing import Varlen
+
+__all__ = ["RMSNorm", "MLP", "Attention", "DecoderLayer", "AttnContext"]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32, scale in the input dtype (LLaMA's convention).
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        C, Fd, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        self.gate_proj = nn.Linear(C, Fd, bias=bias)
+        self.up_proj = nn.Linear(C, Fd, bias=bias)
+        self.down_proj = nn.Linear(Fd, C, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+@dataclass
+class AttnContext:
+    """How a layer's attention runs this call: the backend, the packed rows (prefill) or the cache (decode)."""
+
+    backend: AttentionBackend
+    varlen: Varlen | None = None  # prefill: the rows of the tokens this layer processes
+    cache: PmodCache | None = None
+    decode: bool = False
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.H, self.G, self.D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        C = cfg.hidden_size
+        self.q_proj = nn.Linear(C, self.H * self.D, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(C, self.G * self.D, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(C, self.G * self.D, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.H * self.D, C, bias=cfg.o_bias)
+        self.scale = self.D**-0.5
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+        N = x.shape[0]
+        q = apply_rope(self.q_proj(x).view(N, self.H, self.D), cos, sin)  # [N, H, D]
+        k = apply_rope(self.k_proj(x).view(N, self.G, self.D), cos, sin)  # [N, G, D]
+        v = self.v_proj(x).view(N, self.G, self.D)  # [N, G, D]
+        if ctx.decode:  # N = B rows, one new token each
+            k_cache, v_cache, seqlens = ctx.cache.append(self.layer_idx, k, v)
+            o = ctx.backend.decode(q, k_cache, v_cache, seqlens, self.scale)
+        else:
+            if ctx.cache is not None:
+                ctx.cache.store(self.layer_idx, k, v, ctx.varlen)
+            o = ctx.backend.prefill(q, k, v, ctx.varlen, self.scale)
+        return self.o_proj(o.reshape(N, self.H * self.D))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def attend(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+        return h + self.self_attn(self.input_layernorm(h), cos, sin, ctx)
+
+    def feed_forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.post_attention_layernorm(h))
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+        h = self.attend(h, cos, sin, ctx)
+        return h + self.feed_forward(h)

@@ -1,0 +1,255 @@
+"""The LLaVA-style p-MoD model: vision tower -> projector -> decoder with MoD routers.
+
+A plain `nn.Module` with our own loader (`pmod.io`), not a `transformers.PreTrainedModel`: the
+decoder is ours, and the checkpoints it must read come in several layouts (official p-MoD,
+original LLaVA, llava-hf, ours) that are best handled by explicit key maps that fail loudly, rather
+than by `PreTrainedModel`'s implicit renaming and init machinery. We still offer what transformers
+users expect: `from_pretrained` / `save_pretrained` with safetensors, `dtype`, `device` /
+`device_map`, and construction on the meta device for big checkpoints.
+
+Legend: B rows, T input length, M merged length, N packed tokens, C hidden, V vocab, S image side.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pmod.attention import resolve_backend
+from pmod.cache import PmodCache
+from pmod.config import PmodConfig
+from pmod.modeling.block import AttnContext
+from pmod.modeling.decoder import LanguageModel
+from pmod.modeling.mod import RoutingRecord
+from pmod.modeling.projector import build_projector
+from pmod.modeling.vision import build_vision_tower
+from pmod.packing import IGNORE_INDEX, Layout, build_layout
+
+__all__ = ["PmodForConditionalGeneration", "PmodOutput"]
+
+ImageSize = tuple[int, int]  # (width, height)
+
+
+@dataclass
+class PmodOutput:
+    logits: torch.Tensor | None  # [B, M, V] float32 ([B, V] with logits_to_keep='last')
+    loss: torch.Tensor | None = None
+    past_key_values: PmodCache | None = None
+    routing: list[RoutingRecord] = field(default_factory=list)
+    attention_mask: torch.Tensor | None = None  # [B, M] bool, real tokens of the merged sequence
+    vision_mask: torch.Tensor | None = None  # [B, M] bool, the routing targets
+    layout: Layout | None = None
+
+
+class PmodForConditionalGeneration(nn.Module):
+    def __init__(self, config: PmodConfig, attn_backend: str = "auto"):
+        super().__init__()
+        self.config = config
+        t = config.text
+        self.vision_tower = build_vision_tower(config.vision)
+        self.projector = build_projector(config.projector_type, config.vision.hidden_size, t.hidden_size)
+        self.language_model = LanguageModel(config)
+        self.lm_head = nn.Linear(t.hidden_size, t.vocab_size, bias=False)
+        if t.tie_word_embeddings:
+            self.lm_head.weight = self.language_model.embed_tokens.weight
+        if config.uses_image_newline:
+            self.image_newline = nn.Parameter(torch.zeros(t.hidden_size))
+        self.attn_backend = attn_backend
+
+    # --- construction ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self, std: float | None = None) -> "PmodForConditionalGeneration":
+        """Fresh weights for the decoder side (the vision tower keeps transformers'/timm's init).
+
+        Linear and embedding weights ~ N(0, std) (std defaults to 0.02, LLaMA's initializer_range),
+        biases 0, norms 1; routers ~ N(0, mod.router_init_std) with bias 0: zero by default, so a
+        new p-MoD model starts with w = norm_bias (= 1 for TanhNorm), i.e. STRing is the identity.
+        image_newline ~ N(0, 1/sqrt(C)) as LLaVA-NeXT initialises it.
+        """
+        std = 0.02 if std is None else std
+        lm = self.language_model
+        for name, mod in [*lm.named_modules(prefix="language_model"), ("projector", self.projector), ("lm_head", self.lm_head)]:
+            if name.startswith("language_model.routers"):
+                continue
+            if isinstance(mod, (nn.Linear, nn.Embedding)):
+                mod.weight.normal_(0.0, std)
+                if getattr(mod, "bias", None) is not None:
+                    mod.bias.zero_()
+            elif hasattr(mod, "eps") and hasattr(mod, "weight"):  # RMSNorm
+                mod.weight.fill_(1.0)
+        for proj in self.projector.modules():
+            if isinstance(proj, nn.Linear):
+                proj.weight.normal_(0.0, std)
+                proj.bias.zero_()
+        for router in lm.routers.values():
+            router.weight.normal_(0.0, self.config.mod.router_init_std) if self.config.mod.router_init_std else router.weight.zero_()
+            if router.bias is not None:
+                router.bias.zero_()
+        if hasattr(self, "image_newline"):
+            self.image_newline.normal_(0.0, self.config.text.hidden_size**-0.5)
+        return self
+
+    @classmethod
+    def from_pretrained(cls, path: str, **kwargs) -> "PmodForConditionalGeneration":
+        from pmod.io import from_pretrained
+
+        return from_pretrained(path, **kwargs)
+
+    def save_pretrained(self, folder: str, **kwargs) -> None:
+        from pmod.io import save_pretrained
+
+        save_pretrained(self, folder, **kwargs)
+
+    @property
+    def device(self) -> torch.device:
+        return self.language_model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.language_model.embed_tokens.weight.dtype
+
+    def gradient_checkpointing_enable(self) -> None:
+        self.language_model.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.language_model.gradient_checkpointing = False
+
+    # --- images ---------------------------------------------------------------------------------
+    def image_token_counts(self, images, image_sizes: list[ImageSize] | None) -> list[int]:
+        """Feature tokens of each image, from shapes and sizes alone (before the tower runs)."""
+        n = _num_images(images)
+        if self.config.image_aspect_ratio != "anyres":
+            return [self.config.vision.num_patches] * n
+        from pmod.multimodal.anyres import anyres_num_tokens
+
+        sizes = _check_sizes(image_sizes, n)
+        v = self.config.vision
+        return [
+            anyres_num_tokens(s, self.config.image_grid_pinpoints, v.image_size, v.image_size // v.patch_size, self.config.mm_patch_merge_type)
+            for s in sizes
+        ]
+
+    def encode_images(self, images, image_sizes: list[ImageSize] | None = None) -> torch.Tensor:
+        """Pixels -> projected features of all images, concatenated in order: [sum n_i, C]."""
+        tower_trainable = any(p.requires_grad for p in self.vision_tower.parameters())
+        dev = next(self.vision_tower.parameters()).device
+        if self.config.image_aspect_ratio != "anyres":
+            pixels = images if torch.is_tensor(images) else torch.stack(list(images))
+            if pixels.dim() != 4:
+                raise ValueError(f"images must be [N, 3, S, S] for image_aspect_ratio={self.config.image_aspect_ratio!r}, got {tuple(pixels.shape)}")
+            with torch.set_grad_enabled(torch.is_grad_enabled() and tower_trainable):
+                feats = self.vision_tower(pixels.to(dev))  # [N, P, Cv]
+            return self.projector(feats.to(self.projector_dtype)).flatten(0, 1)  # [N*P, C]
+
+        from pmod.multimodal.anyres import assemble_anyres_features
+
+        crops = list(images)  # each [1+n_i, 3, S, S]
+        sizes = _check_sizes(image_sizes, len(crops))
+        with torch.set_grad_enabled(torch.is_grad_enabled() and tower_trainable):
+            feats = self.vision_tower(torch.cat(crops).to(dev))  # [sum(1+n_i), P, Cv]
+        feats = self.projector(feats.to(self.projector_dtype)).split([c.shape[0] for c in crops])
+        v = self.config.vision
+        newline = getattr(self, "image_newline", None)
+        return torch.cat([
+            assemble_anyres_features(f, s, self.config.image_grid_pinpoints, v.image_size, v.image_size // v.patch_size,
+                                     newline, self.config.mm_patch_merge_type)
+            for f, s in zip(feats, sizes)
+        ])
+
+    @property
+    def projector_dtype(self) -> torch.dtype:
+        return next(self.projector.parameters()).dtype
+
+    # --- forward --------------------------------------------------------------------------------
+    def _backend(self):
+        return resolve_backend(self.attn_backend, self.device)
+
+    def prepare(self, input_ids, images=None, image_sizes=None, attention_mask=None) -> tuple[torch.Tensor, Layout]:
+        """Merge text embeddings and image features into the packed sequence: (x [N, C], layout)."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
+        counts = self.image_token_counts(images, image_sizes) if images is not None else []
+        layout = build_layout(input_ids, attention_mask, counts, self.device, max_length=self.config.model_max_length)
+        ids = input_ids.to(self.device).flatten().index_select(0, layout.text_src)  # [Nt]
+        emb = self.language_model.embed_tokens(ids)  # [Nt, C]
+        x = emb.new_zeros(layout.num_tokens, emb.shape[-1]).index_copy(0, layout.text_dest, emb)
+        if counts:
+            feats = self.encode_images(images, image_sizes).to(device=x.device, dtype=x.dtype)
+            if feats.shape[0] != layout.vision_dest.shape[0]:
+                raise RuntimeError(f"vision tower gave {feats.shape[0]} feature tokens, expected {layout.vision_dest.shape[0]}")
+            x = x.index_copy(0, layout.vision_dest, feats)
+        return x, layout
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        images=None,
+        image_sizes: list[ImageSize] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        use_cache: bool = False,
+        cache_reserve: int = 0,
+        logits_to_keep: str = "all",
+        output_routing: bool = True,
+    ) -> PmodOutput:
+        """Prefill or training forward. `logits_to_keep='last'` returns [B, V] logits of each row's last token."""
+        x, layout = self.prepare(input_ids, images, image_sizes, attention_mask)
+        cache = PmodCache(self.config.text.num_hidden_layers, layout.batch_size, reserve=cache_reserve) if use_cache else None
+        h, routing = self.language_model(x, layout, AttnContext(self._backend(), layout.varlen, cache), record=output_routing)
+        if cache is not None:
+            cache.positions = torch.tensor(layout.varlen.lens, dtype=torch.long).to(h.device)
+
+        loss = None
+        if labels is not None:
+            loss = self._loss(h, labels, layout)
+        if logits_to_keep == "last":
+            last = (layout.varlen.cu_seqlens[1:] - 1).long().to(h.device)  # [B]
+            logits = self.lm_head(h.index_select(0, last)).float()  # [B, V]
+        elif logits_to_keep == "none":
+            logits = None
+        else:
+            logits = layout.pad(self.lm_head(h).float())  # [B, M, V]
+        return PmodOutput(
+            logits=logits, loss=loss, past_key_values=cache, routing=routing,
+            attention_mask=layout.merged_mask(), vision_mask=layout.pad(layout.vision_mask, False), layout=layout,
+        )
+
+    def _loss(self, h: torch.Tensor, labels: torch.Tensor, layout: Layout) -> torch.Tensor:
+        """Mean next-token cross-entropy over supervised merged positions, pooled over the batch."""
+        N = layout.num_tokens
+        lab = torch.full((N,), IGNORE_INDEX, dtype=torch.long, device=h.device)
+        lab = lab.index_copy(0, layout.text_dest.to(h.device), labels.to(h.device).flatten().index_select(0, layout.text_src.to(h.device)))
+        target = torch.cat([lab[1:], lab.new_full((1,), IGNORE_INDEX)])  # next token's label
+        target[(layout.varlen.cu_seqlens[1:] - 1).long().to(h.device)] = IGNORE_INDEX  # no next token across rows
+        logits = self.lm_head(h).float()  # [N, V]
+        return F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX)
+
+    @torch.no_grad()
+    def decode_step(self, token_ids: torch.Tensor, cache: PmodCache) -> torch.Tensor:
+        """Feed one token per row [B]; returns next-token logits [B, V] (float32) and advances the cache."""
+        x = self.language_model.embed_tokens(token_ids.to(self.device))  # [B, C]
+        ctx = AttnContext(self._backend(), cache=cache, decode=True)
+        h = self.language_model.decode(x, cache.positions, ctx)
+        cache.positions = cache.positions + 1
+        return self.lm_head(h).float()
+
+    def generate(self, input_ids: torch.Tensor, images=None, image_sizes=None, attention_mask=None, **kwargs) -> torch.Tensor:
+        """Generate new tokens [B, n_new]; see `pmod.generate.generate` for the options."""
+        from pmod.generate import generate
+
+        return generate(self, input_ids, images=images, image_sizes=image_sizes, attention_mask=attention_mask, **kwargs)
+
+
+def _num_images(images) -> int:
+    if torch.is_tensor(images):
+        return images.shape[0]
+    return len(images)
+
+
+def _check_sizes(image_sizes, n: int) -> list[ImageSize]:
+    if image_sizes is None or len(image_sizes) != n:
+        got = None if image_sizes is None else len(image_sizes)
+        raise ValueError(f"anyres needs image_sizes with one (width, height) per image: {n} image(s), {got} size(s)")
+    return [tuple(int(v) for v in s) for s in (image_sizes.tolist() if torch.is_tensor(image_sizes) else image_sizes)]

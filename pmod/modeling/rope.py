@@ -1,0 +1,47 @@
+"""Rotary position embeddings as pure functions of position ids (default, linear and llama3 scaling).
+
+Positions are explicit per token, which is what p-MoD needs: kept tokens keep their original
+positions, so RoPE sees the gaps left by skipped vision tokens. Legend: N tokens, D head dim.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from pmod.config import TextConfig
+
+__all__ = ["rope_inv_freq", "rope_cos_sin", "apply_rope"]
+
+
+def rope_inv_freq(cfg: TextConfig, device: torch.device | str | None = None) -> torch.Tensor:
+    """[D/2] float32 inverse frequencies, with the config's scaling applied."""
+    D = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.int64, device=device).float() / D))
+    scaling = cfg.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "linear":
+        inv = inv / scaling["factor"]
+    elif kind == "llama3":
+        factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_ctx = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        smooth = (old_ctx / wavelen - lo) / (hi - lo)
+        scaled = torch.where(wavelen > old_ctx / lo, inv / factor, inv)
+        medium = (wavelen <= old_ctx / lo) & (wavelen >= old_ctx / hi)
+        inv = torch.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+    return inv
+
+
+def rope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """position_ids [N] -> cos, sin [N, D] in `dtype` (computed in float32, as transformers does)."""
+    freqs = position_ids.float()[:, None] * inv_freq[None, :].to(position_ids.device)  # [N, D/2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # [N, D]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [N, h, D]; cos, sin [N, D]. Rotates the two halves of each head (the LLaMA/HF layout)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
