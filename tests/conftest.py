@@ -23,3 +23,52 @@ def official_dir() -> Path:
 def _seed_and_threads():
     torch.manual_seed(0)
     yield
+
+
+def tiny_config(layers: int = 4, ratios: dict | None = None, schedule: str = "shiftedcos", **text_overrides):
+    """A small random p-MoD config: CLIP 32-wide at 28 px (4 patches of 14), 64-wide GQA decoder."""
+    from pmod.config import ModConfig, PmodConfig, TextConfig, VisionConfig
+
+    text = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5)
+    text.update(text_overrides)
+    return PmodConfig(
+        text=TextConfig(**text),
+        vision=VisionConfig(clip=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+                                      image_size=42, patch_size=14, hidden_act="quick_gelu")),
+        mod=ModConfig(schedule=schedule, layer_ratios=ratios),
+        model_max_length=512,
+    )
+
+
+def tiny_model(seed: int = 0, router_std: float = 0.5, **kw):
+    """A tiny model with random weights and random (non-zero) routers, so routing actually selects."""
+    from pmod.modeling.llava import PmodForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = PmodForConditionalGeneration(tiny_config(**kw)).init_weights(std=0.1).eval()
+    with torch.no_grad():
+        for r in model.language_model.routers.values():
+            r.weight.normal_(0, router_std)
+            r.bias.normal_(0, 0.1)
+    return model
+
+
+def make_batch(rows: list[tuple[int, int, int]], vocab: int = 97, seed: int = 0, side: str = "right"):
+    """rows: (text tokens before the image, number of images (0/1), text tokens after). Returns ids, mask, n_images."""
+    from pmod.packing import IMAGE_TOKEN_INDEX
+
+    g = torch.Generator().manual_seed(seed)
+    seqs = []
+    for before, n_img, after in rows:
+        ids = [1] + torch.randint(3, vocab, (before,), generator=g).tolist() + [IMAGE_TOKEN_INDEX] * n_img
+        ids += torch.randint(3, vocab, (after,), generator=g).tolist()
+        seqs.append(ids)
+    T = max(map(len, seqs))
+    ids = torch.zeros(len(seqs), T, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        sl = slice(0, len(s)) if side == "right" else slice(T - len(s), T)
+        ids[i, sl] = torch.tensor(s)
+        mask[i, sl] = 1
+    return ids, mask, sum(r[1] for r in rows)

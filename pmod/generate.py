@@ -1,0 +1,82 @@
+"""Batched generation over the reduced KV cache: one packed prefill, then one token per row per step.
+
+Left or right padding of the prompt does not matter: the prefill drops padding and each row keeps
+its own positions and cache lengths, so a batch's outputs equal its members' run one by one.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from pmod.sampling import sample_next
+
+__all__ = ["generate", "GenerationResult"]
+
+
+def generate(
+    model,
+    input_ids: torch.Tensor,
+    images=None,
+    image_sizes=None,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    max_new_tokens: int = 32,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    stop_strings: Sequence[str] | None = None,
+    tokenizer=None,
+    streamer: Callable[[torch.Tensor], None] | None = None,
+    generator: torch.Generator | None = None,
+    return_cache: bool = False,
+):
+    """Returns new tokens [B, n_new] (pad_token_id after a row finishes); with `return_cache`, also the cache.
+
+    A row finishes at an EOS token (default: the config's) or when its text ends with one of
+    `stop_strings` (needs `tokenizer`). `streamer(tokens [B])` is called with each step's tokens.
+    """
+    cfg = model.config.text
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    eos = cfg.eos_token_ids if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+    pad = pad_token_id if pad_token_id is not None else (cfg.pad_token_id if cfg.pad_token_id is not None else (eos[0] if eos else 0))
+    if stop_strings and tokenizer is None:
+        raise ValueError("stop_strings need a tokenizer to decode the generated text")
+    choose = lambda logits: sample_next(logits, do_sample, temperature, top_k, top_p, generator)  # noqa: E731
+
+    with torch.inference_mode():
+        out = model(input_ids=input_ids, images=images, image_sizes=image_sizes, attention_mask=attention_mask,
+                    use_cache=True, cache_reserve=max_new_tokens, logits_to_keep="last", output_routing=False)
+        cache, logits = out.past_key_values, out.logits
+        max_pos = model.config.text.max_position_embeddings
+        longest = max(out.layout.varlen.lens)
+        if longest + max_new_tokens > max(max_pos, model.config.model_max_length):
+            raise ValueError(f"prompt ({longest} tokens with images) + max_new_tokens ({max_new_tokens}) exceeds the "
+                             f"model's context of {max(max_pos, model.config.model_max_length)} tokens")
+        B = logits.shape[0]
+        eos_t = torch.tensor(eos, dtype=torch.long, device=logits.device)
+        finished = torch.zeros(B, dtype=torch.bool, device=logits.device)
+        steps: list[torch.Tensor] = []
+        for step in range(max_new_tokens):
+            nxt = torch.where(finished, pad, choose(logits))  # [B]
+            steps.append(nxt)
+            if streamer is not None:
+                streamer(nxt)
+            finished = finished | torch.isin(nxt, eos_t)
+            if stop_strings:
+                finished = finished | _hit_stop(torch.stack(steps, 1), tokenizer, stop_strings).to(finished.device)
+            if step + 1 == max_new_tokens or bool(finished.all()):  # one host sync per step, to stop early
+                break
+            logits = model.decode_step(nxt, cache)
+    tokens = torch.stack(steps, dim=1)
+    return (tokens, cache) if return_cache else tokens
+
+
+def _hit_stop(tokens: torch.Tensor, tokenizer, stop_strings: Sequence[str]) -> torch.Tensor:
+    tail = tokens[:, -16:].tolist()
+    texts = [tokenizer.decode(row) for row in tail]
+    return torch.tensor([any(t.endswith(s) or s in t for s in stop_strings) for t in texts])
