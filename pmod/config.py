@@ -114,7 +114,7 @@ class VisionConfig:
     @property
     def hidden_size(self) -> int:
         if self.backend == "clip":
-            return int(self.clip.get("hidden_size", 1024))
+            return int(self.clip.get("hidden_size", 768))  # CLIPVisionConfig defaults
         return int(self.timm_kwargs["embed_dim"]) if "embed_dim" in self.timm_kwargs else _timm_width(self.timm_model)
 
     @property
