@@ -2,7 +2,10 @@
 
 Supported layouts (detected from `config.json`):
 - ours (`model_type: pmod`), written by `save_pretrained`;
-- official p-MoD (`model_type: pmod_llava_llama`).
+- official p-MoD (`model_type: pmod_llava_llama`);
+- original LLaVA-1.5 / LLaVA-NeXT (`llava_llama`, `llava_mistral`, `llava_qwen`), dense;
+- transformers llava-hf (`llava`, `llava_next`), dense.
+A dense checkpoint becomes a p-MoD model with `mod=ModConfig(...)` (routers inserted, zero init).
 """
 from __future__ import annotations
 
@@ -13,10 +16,10 @@ from typing import Any
 
 import torch
 
-from pmod.config import CONFIG_NAME, MODEL_TYPE, PmodConfig, VisionConfig
+from pmod.config import CONFIG_NAME, MODEL_TYPE, ModConfig, PmodConfig, VisionConfig
 from pmod.io.files import read_tensors, resolve_folder, weight_files, write_safetensors_sharded
-from pmod.io.keymaps import CLIP_TOWER, OFFICIAL_PMOD, OURS, KeyMap
-from pmod.io.legacy import pmod_config_from_official
+from pmod.io.keymaps import CLIP_TOWER, LLAVA, LLAVA_HF, OFFICIAL_PMOD, OURS, KeyMap
+from pmod.io.legacy import pmod_config_from_llava, pmod_config_from_llava_hf, pmod_config_from_official
 
 __all__ = ["from_pretrained", "save_pretrained", "load_config", "detect_layout", "CheckpointError"]
 
@@ -48,9 +51,14 @@ def detect_layout(raw: dict[str, Any]) -> str:
         return "pmod"
     if mt == "pmod_llava_llama":
         return "official_pmod"
+    if mt in ("llava_llama", "llava_mistral", "llava_qwen"):
+        return "llava"
+    if mt in ("llava", "llava_next"):
+        return "llava_hf"
     raise CheckpointError(
-        f"unknown checkpoint layout: config.json has model_type={mt!r}; pmod reads 'pmod' (ours) and "
-        f"'pmod_llava_llama' (official p-MoD)"
+        f"unknown checkpoint layout: config.json has model_type={mt!r}; pmod reads 'pmod' (ours), "
+        f"'pmod_llava_llama' (official p-MoD), 'llava_llama'/'llava_mistral'/'llava_qwen' (original LLaVA) "
+        f"and 'llava'/'llava_next' (transformers llava-hf)"
     )
 
 
@@ -75,9 +83,16 @@ def _config_and_keymap(folder: Path, vision_tower: str | None = None) -> tuple[P
     layout = detect_layout(raw)
     if layout == "pmod":
         return PmodConfig.from_dict(raw), OURS, layout
+    if layout == "llava_hf":
+        pre = folder / "preprocessor_config.json"
+        return pmod_config_from_llava_hf(raw, _read_json(pre) if pre.exists() else None), LLAVA_HF, layout
+    if "mm_vision_tower" not in raw:
+        raise CheckpointError(f"{folder / CONFIG_NAME}: a {raw.get('model_type')} config needs mm_vision_tower")
     vision = clip_vision_config(
         vision_tower or raw["mm_vision_tower"], folder, raw.get("mm_vision_select_layer", -2), raw.get("mm_vision_select_feature", "patch")
     )
+    if layout == "llava":
+        return pmod_config_from_llava(raw, vision), LLAVA, layout
     return pmod_config_from_official(raw, vision), OFFICIAL_PMOD, layout
 
 
@@ -104,6 +119,7 @@ def from_pretrained(
     attn_backend: str = "auto",
     vision_tower: str | None = None,
     config: PmodConfig | None = None,
+    mod: ModConfig | None = None,
 ):
     """Load any supported checkpoint. The model is built on the meta device, then each tensor is read,
     renamed, checked against its expected shape, cast and placed; anything left over or missing is an
@@ -115,17 +131,21 @@ def from_pretrained(
     folder = resolve_folder(str(path), None, files=[CONFIG_NAME], what="checkpoint")
     cfg, keymap, layout = _config_and_keymap(folder, vision_tower)
     cfg = config or cfg
+    if mod is not None:
+        cfg = cfg.replace(mod=mod)
     with init_empty_weights(include_buffers=False):
         model = PmodForConditionalGeneration(cfg, attn_backend=attn_backend)
     expected = {k: v for k, v in model.state_dict(keep_vars=True).items()}
     want_dtype = _resolve_dtype(dtype, folder)
     target_device = torch.device(device) if device is not None and device_map is None else torch.device("cpu")
 
-    state = _read_mapped(weight_files(folder), keymap, expected)
+    state = _read_mapped(weight_files(folder), keymap, expected, drop_routers=mod is not None)
     if layout != "pmod" and not any(k.startswith("vision_tower.") for k in state):
         tower = resolve_folder(cfg.vision.name, folder, files=[], what="vision tower")
         state.update(_read_mapped(weight_files(tower), CLIP_TOWER, expected))
     tied = cfg.text.tie_word_embeddings
+    new_routers = {k: torch.zeros(expected[k].shape) for k in expected if ".routers." in k and k not in state and mod is not None}
+    state.update(new_routers)  # zero init: w = norm_bias, STRing starts as the identity
     missing = sorted(k for k in expected if k not in state and not (tied and k == "lm_head.weight"))
     if missing:
         raise CheckpointError(f"{folder}: {len(missing)} parameter(s) missing from the checkpoint: {_show(missing)}")
@@ -144,13 +164,15 @@ def from_pretrained(
     return model
 
 
-def _read_mapped(files: list[Path], keymap: KeyMap, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _read_mapped(files: list[Path], keymap: KeyMap, expected: dict[str, torch.Tensor], drop_routers: bool = False) -> dict[str, torch.Tensor]:
     out, unexpected, bad_shape = {}, [], []
     for f in files:
         tensors = read_tensors(f)
         mapping = keymap.remap(tensors.keys())
         for src, dst in mapping.items():
             if dst not in expected:
+                if drop_routers and ".routers." in dst:  # re-scheduled: this layer no longer routes
+                    continue
                 unexpected.append(f"{src} -> {dst}" if src != dst else src)
                 continue
             t = tensors[src]

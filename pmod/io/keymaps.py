@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["KeyMap", "OFFICIAL_PMOD", "OURS"]
+__all__ = ["KeyMap", "OURS", "OFFICIAL_PMOD", "LLAVA", "LLAVA_HF", "CLIP_TOWER"]
 
 
 class KeyMap:
@@ -70,5 +70,24 @@ CLIP_TOWER = KeyMap(
         (r"(?:vision_model\.)?embeddings\.position_ids", None),
         (r"vision_model\.(.+)", r"vision_tower.model.\1"),
         (r"(text_model|text_projection|visual_projection|logit_scale)(\..+)?", None),
+    ],
+)
+
+# Original LLaVA (`llava_llama`, ...): the official p-MoD names without routers.
+LLAVA = KeyMap("LLaVA", [(p.pattern, rep) for p, rep in OFFICIAL_PMOD.rules if "router" not in p.pattern and "decoder_layer" not in p.pattern])
+
+# transformers' llava-hf (`llava`, `llava_next`), both the pre-4.52 names (`language_model.model.*`) and the newer
+# (`model.language_model.*`).
+LLAVA_HF = KeyMap(
+    "llava-hf",
+    [
+        (r"(?:model\.)?language_model\.(?:model\.)?layers\.(\d+)\.self_attn\.rotary_emb\.inv_freq", None),
+        (r"(?:model\.)?language_model\.(?:model\.)?(layers\.\d+\..+|embed_tokens\.weight|norm\.weight)", r"language_model.\1"),
+        (r"(?:language_model\.)?lm_head\.weight", "lm_head.weight"),
+        (r"(?:model\.)?vision_tower\.(?:vision_model\.)?embeddings\.position_ids", None),
+        (r"(?:model\.)?vision_tower\.(?:vision_model\.)?(.+)", r"vision_tower.model.\1"),  # transformers 5 drops vision_model
+        (r"(?:model\.)?multi_modal_projector\.linear_1\.(weight|bias)", r"projector.0.\1"),
+        (r"(?:model\.)?multi_modal_projector\.linear_2\.(weight|bias)", r"projector.2.\1"),
+        (r"(?:model\.)?image_newline", "image_newline"),
     ],
 )

@@ -105,3 +105,41 @@ def pmod_config_from_official(c: dict[str, Any], vision: VisionConfig) -> PmodCo
         if listed is not None and sorted(listed) != sorted(official):
             raise ValueError(f"config lists MoD layers {listed} but its schedule gives {sorted(official)}")
     return PmodConfig(text=text, vision=vision, mod=ModConfig(**mod_kwargs), **llava_image_fields(c))
+
+
+def pmod_config_from_llava(c: dict[str, Any], vision: VisionConfig) -> PmodConfig:
+    """Original LLaVA-1.5 / LLaVA-NeXT (`llava_llama`, `llava_mistral`, `llava_qwen`): a dense model."""
+    text = text_config_from_llama(c)
+    if c.get("model_type") == "llava_qwen":
+        text.qkv_bias = True
+    return PmodConfig(text=text, vision=vision, mod=ModConfig(schedule="none"), **llava_image_fields(c))
+
+
+def pmod_config_from_llava_hf(c: dict[str, Any], image_processor: dict[str, Any] | None = None) -> PmodConfig:
+    """transformers' llava-hf layout (`llava`, `llava_next`): nested text/vision configs, dense."""
+    from pmod.io import CLIP_VISION_FIELDS  # the one whitelist of CLIP fields
+
+    tc, vc = dict(c["text_config"]), dict(c["vision_config"])
+    if vc.get("model_type", "clip_vision_model") not in ("clip_vision_model", "clip"):
+        raise ValueError(f"llava-hf vision tower {vc.get('model_type')!r} unsupported; pmod loads CLIP towers")
+    layer = c.get("vision_feature_layer", -2)
+    if not isinstance(layer, int):
+        raise ValueError(f"vision_feature_layer={layer!r}: only a single layer is supported")
+    strategy = c.get("vision_feature_select_strategy", "default")
+    pre = image_processor or {}
+    vision = VisionConfig(
+        backend="clip", name=c.get("_name_or_path") or None, clip={k: vc[k] for k in CLIP_VISION_FIELDS if k in vc},
+        select_layer=layer, select_feature="patch" if strategy == "default" else "cls_patch",
+        **({"image_mean": tuple(pre["image_mean"]), "image_std": tuple(pre["image_std"])} if "image_mean" in pre else {}),
+    )
+    text = text_config_from_llama({**tc, "tie_word_embeddings": c.get("tie_word_embeddings", tc.get("tie_word_embeddings", False))})
+    if c.get("projector_hidden_act", "gelu") != "gelu" or not c.get("multimodal_projector_bias", True):
+        raise ValueError("llava-hf projector must be Linear-GELU-Linear with biases (LLaVA's mlp2x_gelu)")
+    next_ = c.get("model_type") == "llava_next"
+    return PmodConfig(
+        text=text, vision=vision, mod=ModConfig(schedule="none"), projector_type="mlp2x_gelu",
+        image_aspect_ratio="anyres" if next_ else ("pad" if pre.get("do_pad") else "square"),
+        mm_patch_merge_type="spatial_unpad" if next_ else "flat",
+        image_grid_pinpoints=c.get("image_grid_pinpoints") if next_ else None,
+        model_max_length=text.max_position_embeddings, padding_side="left",
+    )
