@@ -76,3 +76,43 @@ def test_generate_matches_official(model, pixels, official_dir):
     ref = load_file(official_dir / "generate.safetensors")
     tokens = model.generate(input_ids=ref["input_ids"], images=pixels[ref["image_index"]], max_new_tokens=8, do_sample=False)
     assert tokens[0].tolist() == ref["new_tokens"].tolist()
+
+
+def test_anyres_prefill(official_dir, tmp_path):
+    """LLaVA-NeXT anyres + spatial_unpad: same weights plus image_newline, one non-square image."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    ck = tmp_path / "anyres"
+    shutil.copytree(official_dir / "checkpoint", ck)
+    shutil.copy(official_dir / "anyres" / "config.json", ck / "config.json")
+    sd = load_file(ck / "model.safetensors")
+    sd.update(load_file(official_dir / "anyres" / "image_newline.safetensors"))
+    save_file(sd, ck / "model.safetensors")
+    model = pmod.from_pretrained(ck)
+    ref = load_file(official_dir / "anyres.safetensors")
+    sizes = ref["image_sizes_wh"].tolist()
+    assert model.image_token_counts(ref["images"], sizes) == [70]
+    with torch.no_grad():
+        out = model(input_ids=ref["input_ids"], images=ref["images"], image_sizes=sizes, use_cache=True)
+    assert (out.logits - ref["logits"]).abs().max() <= 1e-4
+    assert torch.equal(out.vision_mask, ref["mod_target_mask"])
+    assert out.past_key_values.layer_lengths() == ref["kv_cache_lengths"].tolist()
+    for rec in out.routing:
+        assert torch.equal(rec.kept[0], ref[f"kept_vision_positions.L{rec.layer}"]), rec.layer
+
+
+def test_generate_step_logits_and_cache_growth(model, pixels, official_dir):
+    ref = load_file(official_dir / "generate.safetensors")
+    ids, imgs = ref["input_ids"], pixels[ref["image_index"]]
+    with torch.no_grad():
+        out = model(input_ids=ids, images=imgs, use_cache=True, logits_to_keep="last")
+        cache, logits = out.past_key_values, out.logits
+        lengths = [cache.layer_lengths()]
+        for step, tok in enumerate(ref["new_tokens"].tolist()):
+            assert (logits[0] - ref["step_logits"][step]).abs().max() <= 1e-4, step
+            if step + 1 < len(ref["new_tokens"]):
+                logits = model.decode_step(torch.tensor([tok]), cache)
+                lengths.append(cache.layer_lengths())
+    assert lengths == ref["kv_cache_lengths_per_step"].tolist()
