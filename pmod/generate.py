@@ -62,7 +62,8 @@ def generate(
         finished = torch.zeros(B, dtype=torch.bool, device=logits.device)
         steps: list[torch.Tensor] = []
         for step in range(max_new_tokens):
-            nxt = torch.where(finished, pad, choose(logits))  # [B]
+            chosen = choose(logits)  # [B]
+            nxt = torch.where(finished, pad, chosen)  # finished rows show padding ...
             steps.append(nxt)
             if streamer is not None:
                 streamer(nxt)
@@ -71,7 +72,7 @@ def generate(
                 finished = finished | _hit_stop(torch.stack(steps, 1), tokenizer, stop_strings).to(finished.device)
             if step + 1 == max_new_tokens or bool(finished.all()):  # one host sync per step, to stop early
                 break
-            logits = model.decode_step(nxt, cache)
+            logits = model.decode_step(chosen, cache)  # ... but feed a real token (pad may be no vocab id)
     tokens = torch.stack(steps, dim=1)
     return (tokens, cache) if return_cache else tokens
 

@@ -1,0 +1,174 @@
+"""A synthetic visual question-answering task, deterministic by seed: coloured shapes on clutter.
+
+Each scene puts 1-4 objects (shape, colour, size) into distinct cells of a 2x2 grid over a cluttered
+background (noise texture, grey strokes and specks that are not objects). Questions need one or a
+few image regions: the colour or shape of an object, counting, position, existence (POPE-style
+yes/no, balanced) and multiple choice. Objects cover a minority of the image, so a good router can
+drop background patches; each sample records its object boxes to measure that.
+
+Writes the LLaVA conversation JSON used by training (`{split}.json`) and the flat JSON lines used by
+evaluation (`{split}.jsonl`: id, image, question, answer, type), images under `images/`.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+__all__ = ["COLORS", "SHAPES", "QUESTION_TYPES", "Scene", "make_scene", "render", "make_sample", "write_split", "write_dataset"]
+
+COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 230), "yellow": (235, 215, 40),
+          "purple": (150, 60, 200), "orange": (245, 140, 30)}
+SHAPES = ("circle", "square", "triangle", "cross")
+CELLS = ("top left", "top right", "bottom left", "bottom right")
+NUMBERS = ("zero", "one", "two", "three", "four")
+QUESTION_TYPES = ("color", "shape", "count", "position", "exists", "choice")
+SPLIT_SEEDS = {"train": 0, "val": 1_000_003, "test": 2_000_003}
+
+
+@dataclass
+class Obj:
+    shape: str
+    color: str
+    size: str  # "small" or "large"
+    cell: int  # index into CELLS
+    box: tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels
+
+
+@dataclass
+class Scene:
+    size: int
+    objects: list[Obj]
+    seed: int
+
+
+def make_scene(rng: np.random.Generator, size: int = 64) -> Scene:
+    n = int(rng.integers(1, 5))
+    cells = rng.permutation(4)[:n]
+    objs, half = [], size // 2
+    for cell in cells:
+        big = bool(rng.random() < 0.5)
+        side = int(half * (0.62 if big else 0.40))
+        cx0, cy0 = int(cell % 2) * half, int(cell // 2) * half
+        x0 = int(cx0 + rng.integers(2, half - side - 1))
+        y0 = int(cy0 + rng.integers(2, half - side - 1))
+        objs.append(Obj(str(rng.choice(SHAPES)), str(rng.choice(list(COLORS))), "large" if big else "small", int(cell),  # noqa: E501
+                        (x0, y0, x0 + side, y0 + side)))
+    return Scene(size, objs, int(rng.integers(2**31)))
+
+
+def render(scene: Scene) -> Image.Image:
+    rng = np.random.default_rng(scene.seed)
+    s = scene.size
+    base = rng.integers(90, 165, size=3)
+    noise = rng.normal(0, 14, size=(s, s, 3)) + base  # low-contrast texture
+    img = Image.fromarray(np.clip(noise, 0, 255).astype(np.uint8))
+    d = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(3, 7))):  # clutter: grey strokes and specks
+        g = int(rng.integers(60, 200))
+        x0, y0, x1, y1 = (int(v) for v in rng.integers(0, s, 4))
+        d.line((x0, y0, x1, y1), fill=(g, g, g), width=1)
+    for _ in range(int(rng.integers(4, 10))):
+        x, y = (int(v) for v in rng.integers(0, s, 2))
+        g = int(rng.integers(40, 220))
+        d.point((x, y), fill=(g, g, g))
+    for o in scene.objects:
+        _draw(d, o)
+    return img
+
+
+def _draw(d: ImageDraw.ImageDraw, o: Obj) -> None:
+    x0, y0, x1, y1 = o.box
+    c = COLORS[o.color]
+    if o.shape == "circle":
+        d.ellipse(o.box, fill=c)
+    elif o.shape == "square":
+        d.rectangle(o.box, fill=c)
+    elif o.shape == "triangle":
+        d.polygon([((x0 + x1) // 2, y0), (x1, y1), (x0, y1)], fill=c)
+    else:  # cross
+        w = max((x1 - x0) // 3, 1)
+        d.rectangle((x0, (y0 + y1) // 2 - w // 2, x1, (y0 + y1) // 2 + w // 2), fill=c)
+        d.rectangle(((x0 + x1) // 2 - w // 2, y0, (x0 + x1) // 2 + w // 2, y1), fill=c)
+
+
+def _unique(objs: list[Obj], attr: str) -> list[Obj]:
+    vals = [getattr(o, attr) for o in objs]
+    return [o for o in objs if vals.count(getattr(o, attr)) == 1]
+
+
+def make_sample(scene: Scene, rng: np.random.Generator, qtype: str) -> tuple[str, str, str]:
+    """(question, answer, type) of `qtype`, answerable from the scene; a count question if `qtype` is impossible."""
+    objs = scene.objects
+    if qtype == "color" and _unique(objs, "shape"):
+        o = _unique(objs, "shape")[int(rng.integers(len(_unique(objs, "shape"))))]
+        return f"What color is the {o.shape}? Answer with one word.", o.color, qtype
+    if qtype == "shape" and _unique(objs, "color"):
+        o = _unique(objs, "color")[int(rng.integers(len(_unique(objs, "color"))))]
+        return f"What shape is the {o.color} object? Answer with one word.", o.shape, qtype
+    if qtype == "position":
+        o = objs[int(rng.integers(len(objs)))]
+        same = [p for p in objs if (p.color, p.shape) == (o.color, o.shape)]
+        if len(same) == 1:
+            return f"Where is the {o.color} {o.shape}? Answer top left, top right, bottom left or bottom right.", CELLS[o.cell], qtype
+    if qtype == "exists":
+        present = {(o.color, o.shape) for o in objs}
+        if rng.random() < 0.5:
+            c, sh = sorted(present)[int(rng.integers(len(present)))]
+            return f"Is there a {c} {sh} in the image? Answer yes or no.", "yes", qtype
+        absent = [(c, sh) for c in COLORS for sh in SHAPES if (c, sh) not in present]
+        c, sh = absent[int(rng.integers(len(absent)))]
+        return f"Is there a {c} {sh} in the image? Answer yes or no.", "no", qtype
+    if qtype == "choice" and _unique(objs, "shape"):
+        o = _unique(objs, "shape")[int(rng.integers(len(_unique(objs, "shape"))))]
+        others = [c for c in COLORS if c != o.color]
+        opts = [o.color] + [others[i] for i in rng.permutation(len(others))[:3]]
+        opts = [opts[i] for i in rng.permutation(4)]
+        letters = "ABCD"
+        listing = " ".join(f"{letters[i]}. {c}" for i, c in enumerate(opts))
+        return f"What color is the {o.shape}? {listing} Answer with the letter.", letters[opts.index(o.color)], qtype
+    return "How many objects are there? Answer with one word.", NUMBERS[len(objs)], "count"
+
+
+def write_split(root: str | Path, split: str, n: int, image_size: int = 64, seed: int | None = None) -> list[dict]:
+    """Write `n` samples of `split` under `root`; returns the flat records. Deterministic in (split, n, seed)."""
+    root = Path(root)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    base = SPLIT_SEEDS[split] if seed is None else seed
+    records, convs = [], []
+    for i in range(n):
+        rng = np.random.default_rng(base + i)
+        scene = make_scene(rng, image_size)
+        question, answer, qtype = make_sample(scene, rng, QUESTION_TYPES[i % len(QUESTION_TYPES)])
+        name = f"images/{split}_{i:06d}.png"
+        render(scene).save(root / name)
+        rid = f"{split}_{i:06d}"
+        records.append({"id": rid, "image": name, "question": question, "answer": answer, "type": qtype,
+                        "objects": [asdict(o) for o in scene.objects]})
+        convs.append({"id": rid, "image": name, "conversations": [
+            {"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]})
+    (root / f"{split}.json").write_text(json.dumps(convs))
+    with open(root / f"{split}.jsonl", "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    return records
+
+
+def write_dataset(root: str | Path, n_train: int = 20000, n_val: int = 300, n_test: int = 600, image_size: int = 64) -> Path:
+    for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
+        write_split(root, split, n, image_size)
+    return Path(root)
+
+
+def object_patch_mask(objects: list[dict], image_size: int, patch: int) -> np.ndarray:
+    """[(S/p)^2] bool: patches whose area overlaps an object box (row-major, as the vision tokens)."""
+    g = image_size // patch
+    mask = np.zeros((g, g), dtype=bool)
+    for o in objects:
+        x0, y0, x1, y1 = o["box"]
+        mask[y0 // patch : math.ceil((y1 + 1) / patch), x0 // patch : math.ceil((x1 + 1) / patch)] = True
+    return mask.reshape(-1)

@@ -1,0 +1,100 @@
+"""Generation: batched = one by one, sampling filters, streaming, stopping, context limits."""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_batch, tiny_model
+
+from pmod.sampling import filter_logits, sample_next
+
+ROWS = [(3, 1, 5), (7, 0, 2), (1, 2, 4)]
+
+
+def test_batched_generation_equals_one_by_one():
+    model = tiny_model(layers=6)
+    ids, mask, n = make_batch(ROWS, side="left")
+    pix = torch.randn(n, 3, 42, 42, generator=torch.Generator().manual_seed(3))
+    batch = model.generate(input_ids=ids, images=pix, attention_mask=mask, max_new_tokens=7, eos_token_id=[])
+    used = 0
+    for b, (_, n_img, _) in enumerate(ROWS):
+        real = mask[b].bool()
+        one = model.generate(input_ids=ids[b : b + 1, real], images=pix[used : used + n_img] if n_img else None,
+                             max_new_tokens=7, eos_token_id=[])
+        used += n_img
+        assert torch.equal(batch[b], one[0]), b
+
+
+def test_eos_stops_a_row_and_pads_it():
+    model = tiny_model(layers=4)
+    ids, mask, n = make_batch(ROWS[:2], side="left")
+    pix = torch.randn(n, 3, 42, 42)
+    free = model.generate(input_ids=ids, images=pix, attention_mask=mask, max_new_tokens=6, eos_token_id=[])
+    eos = int(free[0, 2])  # pretend row 0's third token is EOS
+    out = model.generate(input_ids=ids, images=pix, attention_mask=mask, max_new_tokens=6, eos_token_id=eos, pad_token_id=-1)
+    stop = (free[0] == eos).nonzero()[0, 0].item()
+    assert torch.equal(out[0, : stop + 1], free[0, : stop + 1]) and (out[0, stop + 1 :] == -1).all()
+    row1_stop = (free[1] == eos).nonzero()
+    if len(row1_stop) == 0:
+        assert torch.equal(out[1], free[1][: out.shape[1]])
+
+
+def test_streamer_sees_every_step():
+    model = tiny_model(layers=3)
+    ids, _, n = make_batch([(3, 1, 2)])
+    seen = []
+    out = model.generate(input_ids=ids, images=torch.randn(n, 3, 42, 42), max_new_tokens=5, eos_token_id=[], streamer=seen.append)
+    assert torch.equal(torch.stack(seen, 1), out)
+
+
+def test_sampling_is_reproducible_with_a_generator():
+    model = tiny_model(layers=3)
+    ids, _, n = make_batch([(3, 1, 2)])
+    pix = torch.randn(n, 3, 42, 42)
+    kw = dict(input_ids=ids, images=pix, max_new_tokens=6, eos_token_id=[], do_sample=True, temperature=1.5, top_p=0.9)
+    a = model.generate(**kw, generator=torch.Generator().manual_seed(7))
+    b = model.generate(**kw, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a, b)
+
+
+def test_filter_logits_against_a_plain_reference():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50, dtype=torch.float64)
+    for top_k, top_p in [(0, 1.0), (5, 1.0), (0, 0.7), (10, 0.5)]:
+        got = filter_logits(logits, temperature=0.8, top_k=top_k, top_p=top_p)
+        for b in range(4):
+            row = logits[b] / 0.8
+            order = row.argsort(descending=True)
+            keep = set(order[:top_k].tolist()) if top_k else set(range(50))
+            # top-p acts on the distribution left by top-k (the order transformers applies them)
+            probs = row.masked_fill(torch.tensor([i not in keep for i in range(50)]), float("-inf")).softmax(-1)
+            acc, nucleus = 0.0, set()
+            for i in order.tolist():  # smallest prefix whose mass reaches top_p
+                nucleus.add(i)
+                acc += probs[i].item()
+                if acc >= top_p:
+                    break
+            expect = keep & nucleus if top_p < 1 else keep
+            assert set(torch.isfinite(got[b]).nonzero().flatten().tolist()) == expect
+
+
+def test_sample_next_follows_the_distribution():
+    probs = torch.tensor([[0.1, 0.6, 0.3]])
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample_next(probs.log(), do_sample=True, generator=g) for _ in range(4000)]).flatten()
+    freq = torch.bincount(draws, minlength=3).double() / 4000
+    assert torch.allclose(freq, probs[0].double(), atol=0.03)
+    assert sample_next(probs.log()).item() == 1  # greedy
+
+
+def test_bad_generation_arguments():
+    model = tiny_model(layers=2)
+    ids, _, n = make_batch([(3, 1, 2)])
+    pix = torch.randn(n, 3, 42, 42)
+    with pytest.raises(ValueError, match="temperature"):
+        model.generate(input_ids=ids, images=pix, do_sample=True, temperature=0.0)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        model.generate(input_ids=ids, images=pix, max_new_tokens=0)
+    with pytest.raises(ValueError, match="exceeds the model's context of 512"):
+        model.generate(input_ids=ids, images=pix, max_new_tokens=600)
+    with pytest.raises(ValueError, match="stop_strings need a tokenizer"):
+        model.generate(input_ids=ids, images=pix, stop_strings=["\n"])
