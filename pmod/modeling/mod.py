@@ -18,6 +18,7 @@ from pmod.config import ModConfig
 from pmod.modeling.block import AttnContext, DecoderLayer
 from pmod.packing import Layout
 from pmod.routing import normalize_router_logits, select_top_k
+from pmod_kernels import ELEMENTWISE_NORMS, gather_rows, router_weights, string_merge
 
 __all__ = ["RoutingRecord", "mod_layer_forward"]
 
@@ -51,10 +52,14 @@ def mod_layer_forward(
     B, V = layout.vision_slots.shape
     N = x.shape[0]
 
-    # Router on the layer input of the vision tokens, laid out per row.
-    r_v = router(x.index_select(0, layout.vision_dest)).squeeze(-1)  # [Nv]
-    r = r_v.new_zeros(B * V).index_copy(0, layout.vision_flat, r_v).view(B, V)  # [B, V]
-    w = normalize_router_logits(r, layout.vision_valid, mod.norm, mod.norm_scale, mod.norm_bias)  # [B, V]
+    # Router on the layer input of the vision tokens, laid out per row. Kernels: Triton on CUDA, else the reference.
+    if mod.norm in ELEMENTWISE_NORMS:  # gather, GEMV and norm fused; same values as normalize_router_logits
+        w_v = router_weights(x, router.weight, router.bias, layout.vision_dest, mod.norm, mod.norm_scale, mod.norm_bias)
+        w = w_v.new_zeros(B * V).index_copy(0, layout.vision_flat, w_v).view(B, V)  # [B, V], 0 on padding
+    else:  # softmax normalises over each row's vision tokens
+        r_v = router(x.index_select(0, layout.vision_dest)).squeeze(-1)  # [Nv]
+        r = r_v.new_zeros(B * V).index_copy(0, layout.vision_flat, r_v).view(B, V)  # [B, V]
+        w = normalize_router_logits(r, layout.vision_valid, mod.norm, mod.norm_scale, mod.norm_bias)  # [B, V]
     slots, chosen = select_top_k(w, layout.vision_valid, plan.k_dev, plan.k_max)  # [B, K]
     kept_vision = layout.vision_slots.gather(1, slots)  # [B, K] packed indices
 
@@ -67,11 +72,11 @@ def mod_layer_forward(
         0, layout.vision_dest, w.view(-1).index_select(0, layout.vision_flat).to(x.dtype)
     )  # [N], w on vision tokens, 1 elsewhere
 
-    h = x.index_select(0, idx)  # [Nk, C]
+    h = gather_rows(x, idx)  # [Nk, C]
     sub = AttnContext(ctx.backend, plan.varlen, ctx.cache, decode=False)
     h_mid = layer.attend(h, cos.index_select(0, idx), sin.index_select(0, idx), sub)
     m = layer.feed_forward(h_mid)
-    out = (x * w_tok[:, None]).index_copy(0, idx, h_mid + w_tok.index_select(0, idx)[:, None] * m)
+    out = string_merge(x, w_tok, idx, h_mid, m)  # STRing: x * w, kept rows h_mid + w * m
 
     rec = None
     if record:
