@@ -10,6 +10,7 @@ from pmod.cache import PmodCache
 from pmod.config import ModConfig, PmodConfig, TextConfig, VisionConfig
 from pmod.flops import count_flops, kv_cache_bytes
 from pmod.io import from_pretrained, load_config, save_pretrained
+from pmod.multimodal.processor import PmodProcessor, load_processor
 from pmod.modeling.llava import PmodForConditionalGeneration, PmodOutput
 from pmod.modeling.mod import RoutingRecord
 from pmod.packing import IMAGE_TOKEN_INDEX, IGNORE_INDEX
@@ -20,5 +21,5 @@ __version__ = "0.1.0"
 __all__ = [
     "IMAGE_TOKEN_INDEX", "IGNORE_INDEX", "PmodConfig", "TextConfig", "VisionConfig", "ModConfig",
     "PmodForConditionalGeneration", "PmodOutput", "PmodCache", "RoutingRecord",
-    "from_pretrained", "load_config", "count_flops", "kv_cache_bytes", "save_pretrained", "prd_schedule",
+    "from_pretrained", "load_config", "load_processor", "PmodProcessor", "count_flops", "kv_cache_bytes", "save_pretrained", "prd_schedule",
 ]

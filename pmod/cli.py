@@ -30,10 +30,11 @@ def _load(args):
     return model, pmod.load_processor(args.model)
 
 
-def _answer(model, processor, messages, images, args, out=sys.stdout) -> tuple[str, str]:
-    """Generate, streaming text to `out`; returns (answer, one-line efficiency summary)."""
+def _answer(model, processor, messages, images, args, out=None) -> tuple[str, str]:
+    """Generate, streaming text to `out` (stdout); returns (answer, one-line efficiency summary)."""
     import torch
 
+    out = out or sys.stdout
     from pmod.report import measure_efficiency
 
     inputs = processor(messages, images=images or None)

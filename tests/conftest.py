@@ -72,3 +72,24 @@ def make_batch(rows: list[tuple[int, int, int]], vocab: int = 97, seed: int = 0,
         ids[i, sl] = torch.tensor(s)
         mask[i, sl] = 1
     return ids, mask, sum(r[1] for r in rows)
+
+
+def tiny_tokenizer(words: list[str] | None = None):
+    """A word-level tokenizer (tokenizers library) wrapped for transformers, with <s> </s> <pad> <unk>.
+
+    Punctuation splits off; "<image>" is never a token (the processor replaces it by -200)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    base = ["<pad>", "<s>", "</s>", "<unk>"]
+    words = words or ("a chat between curious user and an artificial intelligence assistant the gives helpful detailed "
+                      "polite answers to user's questions USER ASSISTANT : . ? , ' what is in this image color shape "
+                      "red green blue yes no how many one two three four").split()
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(base + words))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    from tokenizers import decoders
+
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
