@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-__all__ = ["COLORS", "SHAPES", "QUESTION_TYPES", "Scene", "make_scene", "render", "make_sample", "write_split", "write_dataset"]
+__all__ = ["COLORS", "SHAPES", "QUESTION_TYPES", "Scene", "make_scene", "render", "make_sample", "write_split", "write_dataset",
+           "object_patch_mask", "train_tokenizer", "corpus"]
 
 COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 230), "yellow": (235, 215, 40),
           "purple": (150, 60, 200), "orange": (245, 140, 30)}
@@ -172,3 +173,29 @@ def object_patch_mask(objects: list[dict], image_size: int, patch: int) -> np.nd
         x0, y0, x1, y1 = o["box"]
         mask[y0 // patch : math.ceil((y1 + 1) / patch), x0 // patch : math.ceil((x1 + 1) / patch)] = True
     return mask.reshape(-1)
+
+
+def train_tokenizer(texts: list[str], folder: str | Path | None = None):
+    """A word-level tokenizer trained on `texts` with the `tokenizers` library, wrapped for transformers.
+
+    Specials: <pad> 0, <s> 1 (prepended), </s> 2, <unk> 3. Words split on whitespace and punctuation;
+    "<image>" is never a token (the processor puts -200 there).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=specials, min_frequency=1))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # joins words with spaces, tidies punctuation
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    if folder is not None:
+        fast.save_pretrained(str(folder))
+    return fast
+
+
+def corpus(records: list[dict]) -> list[str]:
+    """Every text the model will see: questions, answers and the chat markers of its template."""
+    return [r["question"] for r in records] + [r["answer"] for r in records] + ["USER: ASSISTANT: </s>"]

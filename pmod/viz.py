@@ -39,7 +39,7 @@ def save_routing_map(image, grids: dict[int, np.ndarray], path: str | Path, titl
     layers = sorted(grids)
     cols = min(len(layers) + 1, 6)
     rows = int(np.ceil((len(layers) + 1) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.4 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.6 * rows), squeeze=False)
     axes = axes.flatten()
     axes[0].imshow(img)
     axes[0].set_title("input", fontsize=9)
