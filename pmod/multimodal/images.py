@@ -63,8 +63,8 @@ def _describe(source: ImageSource, name: str | None) -> str:
 def _check_pixels(width: int, height: int, max_pixels: int, what: str) -> None:
     if width * height > max_pixels:
         raise ImageLoadError(
-            f"{what}: image is {width}x{height} = {width * height / 1e6:.1f} MP, over the limit of "
-            f"{max_pixels / 1e6:.1f} MP (max_pixels={max_pixels}); refusing to decode it"
+            f"{what}: image is {width}x{height} = {width * height:,} pixels, over max_pixels={max_pixels:,}; "
+            "refusing to decode it (decompression bomb?)"
         )
 
 
@@ -94,7 +94,7 @@ def load_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS, nam
     except ImageLoadError:
         raise
     except Image.DecompressionBombError as e:
-        raise ImageLoadError(f"{what}: {e}") from e
+        raise ImageLoadError(f"{what}: over PIL's hard size limit, not decoded: {e}") from e
     except FileNotFoundError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:

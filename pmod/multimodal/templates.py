@@ -48,7 +48,11 @@ TEMPLATES: dict[str, Template] = {
         "<|im_start|>user\n", "<|im_end|>\n", "<|im_start|>assistant\n", "<|im_end|>\n",
     ),
 }
-TEMPLATES["llava_v1"] = TEMPLATES["vicuna_v1"]
+# LLaVA's `llava_v1`: the vicuna_v1 format with the "human" wording of the system prompt
+TEMPLATES["llava_v1"] = Template(
+    "llava_v1", _VICUNA_SYSTEM.replace("curious user", "curious human").replace("user's", "human's"), "{system} ",
+    "USER: ", " ", "ASSISTANT:", "</s>",
+)
 TEMPLATES["qwen"] = TEMPLATES["chatml"]
 
 
