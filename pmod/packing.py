@@ -78,7 +78,7 @@ class Layout:
     vision_flat: torch.Tensor  # [Nv] long, flat index into [B, V] of each vision token
     out_index: torch.Tensor  # [N] long, flat index into the [B, M] merged output
     left_padded: bool
-    _plans: dict
+    _plans: dict  # memoised per-layout results: route plans by ratio, the merged mask
 
     @property
     def num_tokens(self) -> int:
@@ -100,9 +100,11 @@ class Layout:
         return out.view(self.batch_size, self.merged_len, *packed.shape[1:])
 
     def merged_mask(self) -> torch.Tensor:
-        """[B, M] bool, True on real tokens of the merged sequence."""
-        ones = torch.ones(self.num_tokens, dtype=torch.bool, device=self.position_ids.device)
-        return self.pad(ones, False)
+        """[B, M] bool, True on real tokens of the merged sequence (built once per layout)."""
+        if "merged_mask" not in self._plans:
+            ones = torch.ones(self.num_tokens, dtype=torch.bool, device=self.position_ids.device)
+            self._plans["merged_mask"] = self.pad(ones, False)
+        return self._plans["merged_mask"]
 
 
 def build_layout(

@@ -135,8 +135,11 @@ def make_sample(scene: Scene, rng: np.random.Generator, qtype: str) -> tuple[str
     return "How many objects are there? Answer with one word.", NUMBERS[len(objs)], "count"
 
 
-def write_split(root: str | Path, split: str, n: int, image_size: int = 64, seed: int | None = None) -> list[dict]:
-    """Write `n` samples of `split` under `root`; returns the flat records. Deterministic in (split, n, seed)."""
+def write_split(root: str | Path, split: str, n: int, image_size: int = 64, seed: int | None = None,
+                rounds: int = 1) -> list[dict]:
+    """Write `n` images of `split` under `root`, each with `rounds` questions (types cycled, so a
+    multi-round conversation asks about the same image several ways); returns one flat record per
+    question. Deterministic in (split, n, seed, rounds)."""
     root = Path(root)
     (root / "images").mkdir(parents=True, exist_ok=True)
     base = SPLIT_SEEDS[split] if seed is None else seed
@@ -144,14 +147,16 @@ def write_split(root: str | Path, split: str, n: int, image_size: int = 64, seed
     for i in range(n):
         rng = np.random.default_rng(base + i)
         scene = make_scene(rng, image_size)
-        question, answer, qtype = make_sample(scene, rng, QUESTION_TYPES[i % len(QUESTION_TYPES)])
         name = f"images/{split}_{i:06d}.png"
         render(scene).save(root / name)
-        rid = f"{split}_{i:06d}"
-        records.append({"id": rid, "image": name, "question": question, "answer": answer, "type": qtype,
-                        "objects": [asdict(o) for o in scene.objects]})
-        convs.append({"id": rid, "image": name, "conversations": [
-            {"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]})
+        turns = []
+        for j in range(rounds):
+            question, answer, qtype = make_sample(scene, rng, QUESTION_TYPES[(i + j) % len(QUESTION_TYPES)])
+            rid = f"{split}_{i:06d}" + (f"_{j}" if rounds > 1 else "")
+            records.append({"id": rid, "image": name, "question": question, "answer": answer, "type": qtype,
+                            "objects": [asdict(o) for o in scene.objects]})
+            turns += [{"from": "human", "value": ("<image>\n" if j == 0 else "") + question}, {"from": "gpt", "value": answer}]
+        convs.append({"id": f"{split}_{i:06d}", "image": name, "conversations": turns})
     (root / f"{split}.json").write_text(json.dumps(convs))
     with open(root / f"{split}.jsonl", "w") as f:
         for r in records:
@@ -159,9 +164,11 @@ def write_split(root: str | Path, split: str, n: int, image_size: int = 64, seed
     return records
 
 
-def write_dataset(root: str | Path, n_train: int = 20000, n_val: int = 300, n_test: int = 600, image_size: int = 64) -> Path:
+def write_dataset(root: str | Path, n_train: int = 8000, n_val: int = 300, n_test: int = 600, image_size: int = 64,
+                  train_rounds: int = 6) -> Path:
+    """Train images carry `train_rounds` questions each (one conversation); val and test one each."""
     for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
-        write_split(root, split, n, image_size)
+        write_split(root, split, n, image_size, rounds=train_rounds if split == "train" else 1)
     return Path(root)
 
 
