@@ -21,7 +21,7 @@ from pmod.io.files import read_tensors, resolve_folder, weight_files, write_safe
 from pmod.io.keymaps import CLIP_TOWER, LLAVA, LLAVA_HF, OFFICIAL_PMOD, OURS, KeyMap
 from pmod.io.legacy import pmod_config_from_llava, pmod_config_from_llava_hf, pmod_config_from_official
 
-__all__ = ["from_pretrained", "save_pretrained", "load_config", "detect_layout", "CheckpointError"]
+__all__ = ["from_pretrained", "save_pretrained", "load_config", "detect_layout", "read_mapped", "CheckpointError"]
 
 
 class CheckpointError(ValueError):
@@ -139,10 +139,10 @@ def from_pretrained(
     want_dtype = _resolve_dtype(dtype, folder)
     target_device = torch.device(device) if device is not None and device_map is None else torch.device("cpu")
 
-    state = _read_mapped(weight_files(folder), keymap, expected, drop_routers=mod is not None)
+    state = read_mapped(weight_files(folder), keymap, expected, drop_routers=mod is not None)
     if layout != "pmod" and not any(k.startswith("vision_tower.") for k in state):
         tower = resolve_folder(cfg.vision.name, folder, files=[], what="vision tower")
-        state.update(_read_mapped(weight_files(tower), CLIP_TOWER, expected))
+        state.update(read_mapped(weight_files(tower), CLIP_TOWER, expected))
     tied = cfg.text.tie_word_embeddings
     new_routers = {k: torch.zeros(expected[k].shape) for k in expected if ".routers." in k and k not in state and mod is not None}
     state.update(new_routers)  # zero init: w = norm_bias, STRing starts as the identity
@@ -164,7 +164,8 @@ def from_pretrained(
     return model
 
 
-def _read_mapped(files: list[Path], keymap: KeyMap, expected: dict[str, torch.Tensor], drop_routers: bool = False) -> dict[str, torch.Tensor]:
+def read_mapped(files: list[Path], keymap: KeyMap, expected: dict[str, torch.Tensor], drop_routers: bool = False) -> dict[str, torch.Tensor]:
+    """Read `files`, rename by `keymap`, check every tensor against `expected` shapes; raise naming the keys."""
     out, unexpected, bad_shape = {}, [], []
     for f in files:
         tensors = read_tensors(f)

@@ -69,6 +69,7 @@ CLIP_TOWER = KeyMap(
     [
         (r"(?:vision_model\.)?embeddings\.position_ids", None),
         (r"vision_model\.(.+)", r"vision_tower.model.\1"),
+        (r"(embeddings|encoder|pre_layrnorm|post_layernorm)\.(.+)", r"vision_tower.model.\1.\2"),  # saved by transformers 5
         (r"(text_model|text_projection|visual_projection|logit_scale)(\..+)?", None),
     ],
 )

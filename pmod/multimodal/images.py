@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 __all__ = [
     "CLIP_MEAN",
@@ -74,8 +74,8 @@ def load_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS, nam
     The size is checked from the header *before* decoding, against our own `max_pixels`, so a
     decompression bomb costs nothing; PIL's global `MAX_IMAGE_PIXELS` warning is silenced here
     (its hard error, at twice that, is turned into the same `ImageLoadError`). Truncated or
-    corrupt files raise `ImageLoadError` naming the file (unless the caller has set PIL's global
-    `ImageFile.LOAD_TRUNCATED_IMAGES`, which makes PIL pad them silently).
+    corrupt files raise `ImageLoadError` naming the file, even where a library (lmms-eval does) has set
+    PIL's global `ImageFile.LOAD_TRUNCATED_IMAGES`, which would make PIL pad them silently.
     EXIF orientation is NOT applied: LLaVA trained on `Image.open(p).convert('RGB')`. Alpha is
     dropped by `convert('RGB')` (no compositing), as there.
     """
@@ -84,6 +84,7 @@ def load_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS, nam
         _check_pixels(*source.size, max_pixels, what)
         return source if source.mode == "RGB" else source.convert("RGB")
     fp = io.BytesIO(bytes(source)) if isinstance(source, (bytes, bytearray)) else source
+    lenient, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -99,6 +100,8 @@ def load_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS, nam
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageLoadError(f"{what}: cannot decode image ({type(e).__name__}: {e})") from e
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = lenient
 
 
 def background_from_mean(mean: Sequence[float]) -> tuple[int, int, int]:

@@ -21,7 +21,7 @@ from pmod.multimodal.images import DEFAULT_MAX_PIXELS, clip_preprocess, load_ima
 from pmod.multimodal.templates import IMAGE_PLACEHOLDER, get_template, render
 from pmod.packing import IMAGE_TOKEN_INDEX
 
-__all__ = ["PmodProcessor", "load_processor"]
+__all__ = ["PmodProcessor", "load_processor", "load_tokenizer"]
 
 PROCESSOR_CONFIG = "pmod_processor.json"
 
@@ -41,7 +41,7 @@ class PmodProcessor:
 
         folder = resolve_folder(str(path), None, files=[], what="checkpoint")
         extra = json.loads((folder / PROCESSOR_CONFIG).read_text()) if (folder / PROCESSOR_CONFIG).exists() else {}
-        return cls(_load_tokenizer(folder), load_config(folder), template=template or extra.get("template"), **kwargs)
+        return cls(load_tokenizer(folder), load_config(folder), template=template or extra.get("template"), **kwargs)
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         Path(folder).mkdir(parents=True, exist_ok=True)
@@ -125,7 +125,7 @@ class PmodProcessor:
         return [self.decode(r, skip_special_tokens) for r in rows]
 
 
-def _load_tokenizer(folder: Path):
+def load_tokenizer(folder: Path):
     """The folder's tokenizer. The class named in tokenizer_config.json is used directly, so that
     transformers never reads our (non-transformers) config.json to guess it."""
     import transformers
