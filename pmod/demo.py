@@ -186,7 +186,7 @@ def add_parser(sub) -> None:
     p.add_argument("--fresh", type=int, default=6, help="freshly generated images to answer questions about")
     p.add_argument("--seed", type=int, default=int(time.time()) % 100_000, help="seed of the fresh images")
     p.add_argument("--focus-samples", type=int, default=100)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids oversubscription on small shared CPUs)")
     p.set_defaults(fn=run)
 
 

@@ -87,7 +87,7 @@ def main() -> None:
         if not args.no_install:
             dest = ASSETS / f"tiny-synth-{name}"
             shutil.rmtree(dest, ignore_errors=True)
-            shutil.copytree(result.exported, dest)
+            shutil.copytree(result.exported, dest, ignore=shutil.ignore_patterns("checkpoints", "skipped_samples.json"))
     print(f"total {(time.perf_counter() - t0) / 60:.1f} min; checkpoints in {ASSETS}" if not args.no_install else "")
 
 
