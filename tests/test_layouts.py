@@ -126,3 +126,33 @@ def test_missing_vision_tower_is_a_clear_error(tmp_path):
     (tmp_path / "llava" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(FileNotFoundError, match="vision tower 'no-such-tower' not found"):
         pmod.from_pretrained(tmp_path / "llava")
+
+
+def test_llava_next_hf_matches_transformers(tmp_path):
+    """anyres + spatial_unpad + image_newline against transformers' LlavaNextForConditionalGeneration."""
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    torch.manual_seed(0)
+    tc = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                     num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5)
+    vc = CLIPVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, image_size=42, patch_size=14)
+    pinpoints = [[42, 84], [84, 42], [84, 84]]
+    hf = LlavaNextForConditionalGeneration(LlavaNextConfig(text_config=tc, vision_config=vc, image_token_index=IMG_TOKEN,
+                                                           image_grid_pinpoints=pinpoints)).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0, 0.1) if p.dim() > 1 else p.add_(torch.randn_like(p) * 0.05)
+    hf.save_pretrained(tmp_path)
+    ours = pmod.from_pretrained(tmp_path, dtype=torch.float32)
+    assert ours.config.image_aspect_ratio == "anyres" and ours.config.uses_image_newline
+    from pmod.multimodal.anyres import grid_shape
+
+    w, h = 90, 40  # wider than tall: unpadding drops rows
+    gw, gh = grid_shape((w, h), pinpoints, 42)
+    crops = torch.randn(1, 1 + gw * gh, 3, 42, 42)  # base + crops
+    n_feat = ours.image_token_counts(crops, [(w, h)])[0]
+    ids, _, _ = make_batch([(4, 1, 5)])
+    with torch.no_grad():
+        ref = hf(input_ids=hf_ids(ids, n_feat), pixel_values=crops, image_sizes=torch.tensor([[h, w]])).logits
+        got = ours(input_ids=ids, images=crops, image_sizes=[(w, h)]).logits
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)

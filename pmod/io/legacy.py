@@ -140,6 +140,7 @@ def pmod_config_from_llava_hf(c: dict[str, Any], image_processor: dict[str, Any]
         text=text, vision=vision, mod=ModConfig(schedule="none"), projector_type="mlp2x_gelu",
         image_aspect_ratio="anyres" if next_ else ("pad" if pre.get("do_pad") else "square"),
         mm_patch_merge_type="spatial_unpad" if next_ else "flat",
-        image_grid_pinpoints=c.get("image_grid_pinpoints") if next_ else None,
+        # transformers lists pinpoints as (height, width); LLaVA (and pmod) as (width, height)
+        image_grid_pinpoints=[[w, h] for h, w in c["image_grid_pinpoints"]] if next_ else None,
         model_max_length=text.max_position_embeddings, padding_side="left",
     )
