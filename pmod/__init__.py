@@ -18,8 +18,15 @@ from pmod.schedule import prd_schedule
 
 __version__ = "0.1.0"
 
+
+def list_strategies() -> list[str]:
+    """Names of the fine-tuning strategies `pmod train --strategy` accepts (imports pmod.peft lazily)."""
+    from pmod.training.strategy import list_strategies as _list
+
+    return _list()
+
 __all__ = [
     "IMAGE_TOKEN_INDEX", "IGNORE_INDEX", "PmodConfig", "TextConfig", "VisionConfig", "ModConfig",
     "PmodForConditionalGeneration", "PmodOutput", "PmodCache", "RoutingRecord",
-    "from_pretrained", "load_config", "load_processor", "PmodProcessor", "count_flops", "kv_cache_bytes", "save_pretrained", "prd_schedule",
+    "from_pretrained", "load_config", "list_strategies", "load_processor", "PmodProcessor", "count_flops", "kv_cache_bytes", "save_pretrained", "prd_schedule",
 ]

@@ -1,0 +1,35 @@
+"""Fine-tuning strategies for the p-MoD decoder, registered in `pmod.training.strategy`'s registry.
+
+    import pmod.peft
+    pmod.peft.list_strategies()   # full, gradnormlorp, lisa, lora, lora-ggpo, lora-mgpo, bone, miss, ticket
+    pmod train ... --strategy lora --strategy-option r=16
+
+Each strategy is a small class in its own module (algorithm, defaults and invariants in its docstring); the
+training loop drives them through the seam's hooks. `load_trained(model, folder)` re-applies what a run
+trained (`folder/strategy/`) to its base model; the run's exported checkpoint is already merged.
+"""
+from __future__ import annotations
+
+from pmod.peft import bone, ggpo, gradnormlorp, lisa, lora, ticket  # noqa: F401  (register the strategies)
+from pmod.peft.base import (
+    TARGETS,
+    PeftStrategy,
+    load_trained,
+    optimizer_state_bytes,
+    optimizer_state_bytes_8bit,
+    target_linears,
+    trainable_count,
+)
+from pmod.training.strategy import get_strategy, list_strategies
+
+__all__ = [
+    "TARGETS",
+    "PeftStrategy",
+    "get_strategy",
+    "list_strategies",
+    "load_trained",
+    "optimizer_state_bytes",
+    "optimizer_state_bytes_8bit",
+    "target_linears",
+    "trainable_count",
+]

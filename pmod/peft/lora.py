@@ -1,0 +1,100 @@
+"""LoRA through peft, injected into the decoder of our plain `nn.Module` model.
+
+    y = W x + s · B A x,   s = alpha / r,   A ∈ R^{r×in} (peft's Kaiming-uniform), B ∈ R^{out×r} = 0 at init
+
+so the output is unchanged at init and each adapted linear adds r·(in + out) parameters. Defaults are the
+LLaVA / p-MoD training arguments (r = 64, alpha = 16, dropout = 0.05; peft's own are r = 8, alpha = 8).
+`use_dora` switches to DoRA's weight-normalised form (used by GradNormLoRP):
+
+    W' = m ⊙ (W + s B A) / ‖W + s B A‖_row,   m = ‖W‖_row at init
+
+Merging is the closed form above, applied to a (possibly gathered) state dict; `merge(model)` gives plain
+`nn.Linear`s with the same logits. Besides our `strategy/` files, the adapter is also written in peft's format
+(`strategy/adapter/`, keys relative to `model.language_model`).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pmod.peft.base import DEFAULT_ALSO_TRAIN, TARGETS, PeftStrategy, check_options, target_regex
+from pmod.training.strategy import register_strategy
+
+__all__ = ["LoraStrategy", "lora_merge"]
+
+ADAPTER = "default"
+
+
+def lora_merge(sub: dict[str, torch.Tensor], scaling: float, dora: bool = False) -> dict[str, torch.Tensor]:
+    """One peft LoRA linear's state (`base_layer.weight`, `lora_A.default.weight`, ...) -> {weight, bias?}."""
+    w = sub["base_layer.weight"]
+    a, b = sub[f"lora_A.{ADAPTER}.weight"], sub[f"lora_B.{ADAPTER}.weight"]
+    v = w.float() + scaling * (b.float() @ a.float())  # [out, in]
+    if dora:
+        m = sub[f"lora_magnitude_vector.{ADAPTER}.weight"].float()  # [out]
+        v = v * (m / torch.linalg.norm(v, dim=1)).unsqueeze(1)
+    out = {"weight": v.to(w.dtype)}
+    if "base_layer.bias" in sub:
+        out["bias"] = sub["base_layer.bias"]
+    return out
+
+
+@register_strategy("lora")
+class LoraStrategy(PeftStrategy):
+    """LoRA on the decoder linears (peft); routers and projector train fully unless `also_train` says otherwise.
+
+    Options: r (64), alpha (16), dropout (0.05), targets (all seven linears), also_train (router, projector)."""
+
+    use_dora = False
+
+    def __init__(self, r: int = 64, alpha: float = 16.0, dropout: float = 0.05, targets: Iterable[str] = TARGETS,
+                 also_train: Iterable[str] = DEFAULT_ALSO_TRAIN):
+        super().__init__(targets, also_train)
+        check_options(self.name, r=(int(r) == r and r >= 1, f"a positive integer, got {r}"),
+                      alpha=(alpha > 0, f"positive, got {alpha}"), dropout=(0 <= dropout < 1, f"in [0, 1), got {dropout}"))
+        self.r, self.alpha, self.dropout = int(r), float(alpha), float(dropout)
+        self.options.update(r=self.r, alpha=self.alpha, dropout=self.dropout)
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.r
+
+    def peft_config(self):
+        from peft import LoraConfig
+
+        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=target_regex(self.targets),
+                          use_dora=self.use_dora, bias="none")
+
+    def adapt(self, model: nn.Module) -> None:
+        from peft import inject_adapter_in_model
+
+        if hasattr(model.language_model, "peft_config"):
+            raise ValueError(f"strategy {self.name!r}: the model already carries peft adapters; start from the base model")
+        # Into the decoder only: its module names are what the regex matches, and peft's transformers-v5 weight
+        # conversion (which expects a PreTrainedModel at the root) has nothing to convert there.
+        inject_adapter_in_model(self.peft_config(), model.language_model)
+
+    def adapter_params(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in model.named_parameters() if ".lora_" in n}
+
+    def lora_layers(self, model: nn.Module) -> dict[str, nn.Module]:
+        """{name: peft LoRA linear} of the adapted target linears."""
+        return self.adapted_modules(model)
+
+    def merge_linear(self, sub: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return lora_merge(sub, self.scaling, self.use_dora)
+
+    def save(self, model: nn.Module, folder: Path) -> Path:
+        from peft import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        out = super().save(model, folder)
+        adapter = out / "adapter"
+        adapter.mkdir(exist_ok=True)
+        self.peft_config().save_pretrained(str(adapter))
+        state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model.language_model).items()}
+        save_file(state, str(adapter / "adapter_model.safetensors"), metadata={"format": "pt"})
+        return out
