@@ -43,11 +43,12 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     return names
 
 
-def resolve_backend(name: str | None, device: torch.device | str = "cpu") -> AttentionBackend:
-    """'auto' (or None) picks flash on CUDA when flash-attn is installed, SDPA otherwise."""
+def resolve_backend(name: str | None, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> AttentionBackend:
+    """'auto' (or None) picks flash on CUDA for fp16/bf16 when flash-attn is installed, SDPA otherwise."""
     name = name or "auto"
     if name == "auto":
-        name = "flash" if "flash" in available_backends(device) else "sdpa"
+        half = dtype in (None, torch.float16, torch.bfloat16)  # flash-attn takes half precision only
+        name = "flash" if half and "flash" in available_backends(device) else "sdpa"
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; expected 'auto' or one of {sorted(BACKENDS)}")
     if name == "flash" and not flash_attn_available():

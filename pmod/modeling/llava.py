@@ -164,7 +164,11 @@ class PmodForConditionalGeneration(nn.Module):
 
     # --- forward --------------------------------------------------------------------------------
     def _backend(self):
-        return resolve_backend(self.attn_backend, self.device)
+        """The attention backend, resolved once per (name, device, dtype): not on every decode step."""
+        key = (self.attn_backend, self.device, self.dtype)
+        if getattr(self, "_backend_key", None) != key:
+            self._backend_cache, self._backend_key = resolve_backend(self.attn_backend, self.device, self.dtype), key
+        return self._backend_cache
 
     def prepare(self, input_ids, images=None, image_sizes=None, attention_mask=None) -> tuple[torch.Tensor, Layout]:
         """Merge text embeddings and image features into the packed sequence: (x [N, C], layout)."""
