@@ -119,3 +119,23 @@ def test_unknown_layout_and_bad_config(tmp_path):
 def test_load_config_official_without_weights(official_dir):
     cfg = pmod.load_config(official_dir / "checkpoint")
     assert cfg.vision.num_patches == 25 and cfg.text.vocab_size == 320
+
+
+def test_hub_id_loads_offline_from_the_local_cache(tmp_path, monkeypatch, official_dir):
+    """A hub id resolves through the Hugging Face cache layout with HF_HUB_OFFLINE=1 (no network)."""
+    cache = tmp_path / "hub"
+    rev = "0" * 40
+    snap = cache / "models--MCG-NJU--p-MoD-tiny" / "snapshots" / rev
+    shutil.copytree(official_dir / "checkpoint", snap)
+    (cache / "models--MCG-NJU--p-MoD-tiny" / "refs").mkdir()
+    (cache / "models--MCG-NJU--p-MoD-tiny" / "refs" / "main").write_text(rev)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
+    model = pmod.from_pretrained("MCG-NJU/p-MoD-tiny")
+    assert sorted(model.config.mod_ratios) == list(range(8, 32))
+    with pytest.raises(FileNotFoundError, match="not available from the Hugging Face cache"):
+        pmod.from_pretrained("MCG-NJU/not-cached")
