@@ -11,7 +11,7 @@ import torch
 
 from pmod.sampling import sample_next
 
-__all__ = ["generate", "GenerationResult"]
+__all__ = ["generate"]
 
 
 def generate(

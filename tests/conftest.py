@@ -21,8 +21,12 @@ def official_dir() -> Path:
 
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
+    """Seed every test; one intra-op thread: tiny matmuls on a small shared CPU are far faster without hand-offs."""
     torch.manual_seed(0)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
     yield
+    torch.set_num_threads(n)
 
 
 def tiny_config(layers: int = 4, ratios: dict | None = None, schedule: str = "shiftedcos", **text_overrides):

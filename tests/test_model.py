@@ -149,7 +149,7 @@ def test_meta_device_construction_at_7b_shapes():
 
 
 def test_timm_tower_matches_its_blocks():
-    timm = pytest.importorskip("timm")
+    pytest.importorskip("timm")
     from pmod.config import VisionConfig
     from pmod.modeling.vision import TimmTower
 

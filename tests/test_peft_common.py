@@ -13,13 +13,6 @@ FINETUNE = stage_roles("finetune")
 ALL = ["bone", "full", "gradnormlorp", "lisa", "lora", "lora-ggpo", "lora-mgpo", "miss", "ticket"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls: one intra-op thread is much faster than two on a small shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def batch(seed: int = 0) -> dict:

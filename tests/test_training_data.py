@@ -18,13 +18,6 @@ from pmod.training.records import read_records
 from pmod.training.sampler import BatchStream, global_batches, rank_slice
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls: one intra-op thread is ~30x faster than two on a small shared CPU (no thread hand-offs)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 CHAT = [{"role": "user", "content": "<image>\nwhat color is this ?"}, {"role": "assistant", "content": "red"},
         {"role": "user", "content": "is this red ?"}, {"role": "assistant", "content": "yes"}]

@@ -16,13 +16,6 @@ from pmod.training import RECIPES, BaseStrategy, list_strategies, register_strat
 from pmod.training.checkpoint import clean_partial, latest_checkpoint, list_checkpoints
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls: one intra-op thread is ~30x faster than two on a small shared CPU (no thread hand-offs)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 REPO = Path(__file__).resolve().parents[1]
 

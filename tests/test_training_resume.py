@@ -44,13 +44,6 @@ RUNNER = textwrap.dedent("""
 """)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The same thread count in this process and the subprocesses: bitwise-equal arithmetic."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _runner(tmp: Path) -> list[str]:

@@ -15,13 +15,6 @@ from PIL import Image
 from safetensors.torch import load_file
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls: one intra-op thread is ~30x faster than two on a small shared CPU (no thread hand-offs)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (40, 60, 230)}
 COUNTS = ("one", "two", "three", "four")
