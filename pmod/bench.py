@@ -17,8 +17,9 @@ models so that drift hits them alike; median and min over `reps` after `warmup` 
   tokens/s = B * steps / time; the batch-8 cache is 8 copies of one prefilled row (decode cost depends on
   lengths only). KV bytes are read from the cache (`PmodCache.nbytes`), text included and vision only.
 * against transformers: our decoder vs `LlamaModel` prefill (same inputs_embeds, SDPA); our
-  `pmod.generate.generate` vs `LlamaForCausalLM.generate(min_new_tokens=n)`, per decode step as
-  (time(n tokens) - time(1 token)) / (n - 1), so each side's own prefill cancels.
+  `pmod.generate.generate` vs `LlamaForCausalLM.generate(min_new_tokens=n)` at batch 1, per decode step as
+  (stamp of the n-th new token - stamp of the 1st) / (n - 1), stamped by a streamer, so each side's own
+  prefill is excluded (a 634-token text prompt: LLaVA-1.5's length).
 * batching: 8 text prompts of unequal length generated as one batch vs one by one (tokens compared).
 * packing: a batch with unequal image counts through our packed decoder vs padded execution of the same
   weights: our decoder on rows filled to equal length (exact on real tokens: right fill under a causal mask)
@@ -29,7 +30,9 @@ non-trivial (checked: kept tokens are not the first k). Weights are random (LLaM
 on the target device; nothing is downloaded. Outputs in --output: results.json, results.md, speedup.png;
 the last stdout line is one JSON object. Peak memory: CUDA max_memory_allocated above the pre-call
 allocation; CPU peak RSS growth (VmHWM reset through /proc/self/clear_refs), a lower bound because the
-allocator reuses memory it already holds.
+allocator reuses memory it already holds. CPU timings are only as clean as the machine is idle: the run records
+the load average and, per section, the share of CPU time other processes took (with 2 threads, a busy machine
+stalls every parallel op; prefer --threads 1 there and read the ratios, not the absolute times).
 Legend: B rows, L layers, P tokens per image, n_v vision tokens per row, n_t text tokens per row.
 """
 from __future__ import annotations
@@ -746,15 +749,16 @@ def plot_speedup(prefill_rows: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, n_v in enumerate(sorted({r["n_vision"] for r in prefill_rows})):
-        pts = sorted((r for r in prefill_rows if r["n_vision"] == n_v), key=lambda r: r["kept_ratio"])
-        x = [r["kept_ratio"] for r in pts]
-        color = f"C{i}"
-        ax.plot(x, [r["ideal_speedup"] for r in pts], "--", color=color,
+        rows, color = [r for r in prefill_rows if r["n_vision"] == n_v], f"C{i}"
+        line = sorted((r for r in rows if r["model"] != "prd"), key=lambda r: r["kept_ratio"])  # dense + constant
+        ax.plot([r["kept_ratio"] for r in line], [r["ideal_speedup"] for r in line], "--", color=color,
                 label=f"{n_v} vision tokens: ideal (FLOPs ratio)")
-        ax.plot(x, [r["speedup_median"] for r in pts], "o-", color=color, label=f"{n_v} vision tokens: measured")
-        for r in pts:
-            ax.annotate(r["model"], (r["kept_ratio"], r["speedup_median"]), textcoords="offset points", xytext=(4, -10),
-                        fontsize=7, color=color)
+        ax.plot([r["kept_ratio"] for r in line], [r["speedup_median"] for r in line], "o-", color=color,
+                label=f"{n_v}: measured, deep_all at constant ratios")
+        for r in (r for r in rows if r["model"] == "prd"):
+            ax.plot(r["kept_ratio"], r["ideal_speedup"], "x", color=color, markersize=9)
+            ax.plot(r["kept_ratio"], r["speedup_median"], "*", color=color, markersize=13,
+                    label=f"{n_v}: measured, default PRD (x: its ideal)")
     ax.set_xlabel("kept-token ratio (vision tokens processed per layer / all, mean over layers)")
     ax.set_ylabel("prefill speed-up over dense")
     ax.grid(alpha=0.3)

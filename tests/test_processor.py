@@ -5,7 +5,6 @@ import io
 import sys
 
 import pytest
-import torch
 from conftest import tiny_model, tiny_tokenizer
 from PIL import Image
 
