@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import tiny_model
-from test_peft_common import FINETUNE, _one_thread, batch, logits, prepared, run_steps  # noqa: F401
+from test_peft_common import FINETUNE, batch, logits, prepared, run_steps
 
 import pmod.peft as peft_strategies
 from pmod.peft import target_linears

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from test_peft_common import _one_thread, batch, logits, prepared, run_steps  # noqa: F401
+from test_peft_common import batch, logits, prepared, run_steps
 
 from pmod.peft.ggpo import lora_delta_grad
 

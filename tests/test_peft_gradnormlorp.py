@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import tiny_model
-from test_peft_common import FINETUNE, _one_thread, batch, cfg, logits, prepared, run_steps  # noqa: F401
+from test_peft_common import FINETUNE, batch, cfg, logits, prepared, run_steps
 
 import pmod.peft as peft_strategies
 from pmod.peft import optimizer_state_bytes, optimizer_state_bytes_8bit
@@ -16,7 +16,7 @@ from pmod.peft.galore import GaLoreAdamW, galore_state_elements
 def test_function_unchanged_at_init(mode):
     b = batch()
     ref = logits(tiny_model(), b)
-    model, s, _ = prepared("gradnormlorp", mode=mode, lora_r=4)
+    model, _, _ = prepared("gradnormlorp", mode=mode, lora_r=4)
     assert torch.equal(logits(model, b), ref)
 
 

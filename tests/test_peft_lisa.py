@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_peft_common import _one_thread, prepared, run_steps  # noqa: F401
+from test_peft_common import prepared, run_steps
 
 import pmod.peft as peft_strategies
 from pmod.peft.lisa import lisa_layers

@@ -6,7 +6,7 @@ import json
 import torch
 from conftest import tiny_model
 from safetensors.torch import load_file
-from test_peft_common import _one_thread, batch, logits, prepared, run_steps  # noqa: F401
+from test_peft_common import batch, logits, prepared, run_steps
 
 import pmod.peft as peft_strategies
 from pmod.peft import target_linears

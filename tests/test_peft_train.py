@@ -7,7 +7,6 @@ import json
 
 import pytest
 import torch
-from test_peft_common import _one_thread  # noqa: F401
 from test_training_toys import toy_config, write_data, write_model
 
 import pmod
@@ -15,9 +14,8 @@ import pmod.peft as peft_strategies
 from pmod.training import train
 
 
-def _probe(model_dir, processor_dir, image):
-    proc = pmod.load_processor(processor_dir)
-    return proc("what color is this ?", images=[image])
+def _probe(processor_dir, image):
+    return pmod.load_processor(processor_dir)("what color is this ?", images=[image])
 
 
 @pytest.mark.parametrize("strategy,options", [("lora", {"r": 4, "alpha": 8}), ("bone", {"r": 16})])
@@ -30,7 +28,7 @@ def test_export_is_merged_and_equals_the_saved_adapters_on_the_base(tmp_path, st
     merged = pmod.from_pretrained(res.exported, dtype=torch.float32)  # plain pmod checkpoint: no adapter keys
     assert all(type(m) is torch.nn.Linear for m in peft_strategies.target_linears(merged).values())
     base, _ = peft_strategies.load_trained(pmod.from_pretrained(model_dir, dtype=torch.float32), res.exported)
-    inputs = _probe(model_dir, res.exported, tmp_path / "d" / "images" / "green.png")
+    inputs = _probe(res.exported, tmp_path / "d" / "images" / "green.png")
     with torch.no_grad():
         a = merged.eval()(**inputs).logits
         b = base.eval()(**inputs).logits

@@ -123,7 +123,6 @@ class PeftStrategy(BaseStrategy):
     adapted linear from its own state dict: the same code serves `export` on a gathered state and `merge`)."""
 
     name = "peft"
-    mergeable = True
 
     def __init__(self, targets: Iterable[str] = TARGETS, also_train: Iterable[str] = DEFAULT_ALSO_TRAIN):
         self.targets = _check_targets(targets)
@@ -169,18 +168,21 @@ class PeftStrategy(BaseStrategy):
 
     def export(self, model: nn.Module, state: dict[str, torch.Tensor], folder: Path) -> dict[str, torch.Tensor]:
         """Write `folder/strategy/` (what was trained) and return the merged, plain state for the checkpoint."""
-        self.save(model, Path(folder))
+        self.save(model, Path(folder), state)
         return self.merge_state(state)
 
     # --- save / load / merge ----------------------------------------------------------------------
-    def trained_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """Tensors that, with the base checkpoint, rebuild the trained model (adapters + trained roles)."""
+    def trained_state(self, model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Tensors that, with the base checkpoint, rebuild the trained model (adapters + trained roles). Values come
+        from `state` when given (the loop's state gathered from FSDP / ZeRO-3 shards), else from the model."""
         names = {n for n, p in model.named_parameters() if p.requires_grad} | set(self.adapter_params(model))
-        return {n: t.detach().cpu().contiguous() for n, t in model.state_dict().items() if n in names}
+        state = model.state_dict() if state is None else state
+        return {n: t.detach().cpu().contiguous() for n, t in state.items() if n in names}
 
-    def save(self, model: nn.Module, folder: Path) -> Path:
+    def save(self, model: nn.Module, folder: Path, state: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write `folder/strategy/`: strategy.json and trained.safetensors (see `trained_state`)."""
         out = write_meta(folder, self.name, self.options, self.touched(model))
-        save_file(self.trained_state(model), str(out / "trained.safetensors"), metadata={"format": "pt"})
+        save_file(self.trained_state(model, state), str(out / "trained.safetensors"), metadata={"format": "pt"})
         return out
 
     def use_saved(self, folder: Path) -> None:

@@ -3,9 +3,12 @@
     python -m pmod.peft.compare --output runs/compare        # or pmod.peft.compare.compare(CompareConfig(...))
 
 The task (`pmod.synthetic`): a tiny p-MoD model (CLIP 64-wide at 64 px / 16 px patches, 4-layer 128-wide
-decoder) is first trained fully on three question types (colour, shape, count) -- the "base" checkpoint --
-then each strategy fine-tunes it on all six types through `pmod.training.train` (the real loop: accelerate,
-checkpoint, export with merging) and the exported plain checkpoint answers the validation split greedily.
+decoder) is first trained fully, vision tower included, on three question types (colour, shape, count): the
+"base" checkpoint. Each strategy then fine-tunes it on all six types through `pmod.training.train` (the real
+loop: accelerate, checkpoint, export with merging), and the exported plain checkpoint answers the validation
+split greedily. `--base CKPT` starts from a given checkpoint instead, e.g. the embedded default
+`pmod/assets/tiny-synth-pmod`: a vision tower trained from scratch needs far more than a CPU minute before its
+answers depend on the image.
 Each run is its own process, so peak memory is its own. Measured per strategy:
 - val accuracy (exact match), trainable parameters (during a step; LISA: its active set),
 - optimizer-state bytes (the largest over the run; 8-bit rows hold real bitsandbytes states) and what 8-bit
@@ -20,10 +23,11 @@ import argparse
 import json
 import math
 import multiprocessing as mp
+import queue
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,17 +56,18 @@ BASE_TYPES = ("color", "shape", "count")
 class CompareConfig:
     output: str
     rows: list[str] | None = None  # labels of ROWS; None = all
+    base: str | None = None  # start every row from this checkpoint (e.g. the embedded default) instead of training one
     steps: int = 150
-    base_steps: int = 300
+    base_steps: int = 600
     batch_size: int = 16
     n_train: int = 600  # images; 3 questions each
     n_val: int = 150
+    lr_base: float = 3e-3
     lr_full: float = 1e-3
     lr_adapter: float = 5e-3
     lr_galore: float = 5e-3
     seed: int = 0
     threads: int = 1
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 # --- the task ------------------------------------------------------------------------------------
@@ -181,9 +186,7 @@ def _register_measured() -> None:
 
 
 def run_one(label: str, strategy: str, options: dict[str, Any], lr: float, model: Path, data: Path, task: dict[str, Path],
-            out: Path, cfg: CompareConfig, steps: int) -> dict[str, Any]:
-    import pmod
-    from pmod.demo import evaluate
+            out: Path, cfg: CompareConfig, steps: int, train_vision_tower: bool = False) -> dict[str, Any]:
     from pmod.training import resolve_config, train
 
     torch.set_num_threads(cfg.threads)
@@ -192,16 +195,25 @@ def run_one(label: str, strategy: str, options: dict[str, Any], lr: float, model
                              strategy_options={"inner": strategy, "options": options}, max_steps=steps,
                              per_device_batch_size=cfg.batch_size, learning_rate=lr, warmup_ratio=0.05, lr_scheduler="cosine",
                              save_steps=10**9, save_total_limit=1, logging_steps=max(1, steps // 10), template="chat_nosys",
-                             seed=cfg.seed, num_workers=0, check_images=False)
+                             seed=cfg.seed, num_workers=0, check_images=False, train_vision_tower=train_vision_tower)
     res = train(run_cfg)
-    trained = pmod.from_pretrained(res.exported, dtype=torch.float32).eval()
-    records = [json.loads(x) for x in task["val"].read_text().splitlines()]
-    ev = evaluate(trained, pmod.load_processor(res.exported), records, task["root"], batch_size=50, desc=label)
+    accuracy, per_type = _evaluate(res.exported, task, label)
     times = _METER["times"][2:] or _METER["times"]
-    return {"label": label, "strategy": strategy, "options": options, "lr": lr, "accuracy": ev.accuracy, "per_type": ev.per_type,
+    return {"label": label, "strategy": strategy, "options": options, "lr": lr, "accuracy": accuracy, "per_type": per_type,
             "trainable": _METER["trainable"], "state_bytes": _METER["state"], "state_bytes_8bit": _METER["state8"],
             "peak_bytes": _METER.get("peak", 0), "step_ms": 1000 * statistics.median(times), "loss": res.loss,
             "exported": str(res.exported)}
+
+
+def _evaluate(checkpoint: Path, task: dict[str, Path], label: str) -> tuple[float, dict[str, float]]:
+    """Greedy exact-match accuracy of a plain checkpoint on the validation split (no training code involved)."""
+    import pmod
+    from pmod.demo import evaluate
+
+    model = pmod.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    records = [json.loads(x) for x in task["val"].read_text().splitlines()]
+    ev = evaluate(model, pmod.load_processor(checkpoint), records, task["root"], batch_size=50, desc=label)
+    return ev.accuracy, ev.per_type
 
 
 def _child(q, *args) -> None:
@@ -218,7 +230,13 @@ def _in_process(*args) -> dict[str, Any]:
     q = ctx.Queue()
     p = ctx.Process(target=_child, args=(q, *args))
     p.start()
-    out = q.get()
+    while True:
+        try:
+            out = q.get(timeout=5)
+            break
+        except queue.Empty:
+            if not p.is_alive():
+                raise RuntimeError(f"comparison run {args[0]!r}: its process died (exit code {p.exitcode})") from None
     p.join()
     if "error" in out:
         raise RuntimeError(f"comparison run {args[0]!r} failed: {out['error']}")
@@ -249,7 +267,11 @@ def compare(cfg: CompareConfig) -> list[dict[str, Any]]:
     task = prepare_task(out / "task", cfg)
     lrs = {"full": cfg.lr_full, "adapter": cfg.lr_adapter, "galore": cfg.lr_galore}
     t0 = time.perf_counter()
-    base = _in_process("base", "full", {}, cfg.lr_full, task["init"], task["base"], task, out / "runs" / "base", cfg, cfg.base_steps)
+    if cfg.base:  # evaluated as it is: zero steps are not a run, so score it directly
+        base = {"label": "base", "exported": cfg.base, "accuracy": _evaluate(Path(cfg.base), task, "base")[0], "steps": 0}
+    else:  # the base stage also trains the (random) vision tower: our stand-in for a pretrained CLIP
+        base = _in_process("base", "full", {}, cfg.lr_base, task["init"], task["base"], task, out / "runs" / "base", cfg,
+                           cfg.base_steps, True)
     results = []
     for label, strategy, options, kind in rows:
         if options.get("mask_from") == "@full":
@@ -283,9 +305,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", required=True, help="folder for the task, the runs and comparison.{md,png,json}")
     p.add_argument("--rows", help=f"comma-separated subset of: {', '.join(r[0] for r in ROWS)}")
+    p.add_argument("--base", help="start from this checkpoint (e.g. pmod/assets/tiny-synth-pmod) instead of training a base")
     for name in ("steps", "base_steps", "batch_size", "n_train", "n_val", "seed", "threads"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(CompareConfig, name))
-    for name in ("lr_full", "lr_adapter", "lr_galore"):
+    for name in ("lr_base", "lr_full", "lr_adapter", "lr_galore"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(CompareConfig, name))
 
 

@@ -29,12 +29,14 @@ def table(summary: dict[str, Any]) -> str:
                      f"{_kib(r['state_bytes'])} | {_kib(r['state_bytes_8bit'])} | {r['peak_bytes'] / 2**20:.1f} | {r['step_ms']:.0f} |")
     mem = "max allocated (CUDA)" if summary["device"] == "cuda" else "peak RSS over the training steps above the RSS before step 0 (CPU)"
     base = summary["base"]
+    start = (f"the checkpoint `{base['exported']}` ({100 * base['accuracy']:.1f} % on all six types)" if cfg.get("base") else
+             f"the same base checkpoint (full fine-tuning, vision tower included, for {cfg['base_steps']} steps on colour / "
+             f"shape / count questions: {100 * base['accuracy']:.1f} % on all six types)")
     intro = (
         f"Synthetic VQA (`pmod.synthetic`), {cfg['n_train']} training images x 3 questions, {cfg['n_val']} validation questions; "
-        f"every strategy starts from the same base checkpoint (full fine-tuning for {cfg['base_steps']} steps on colour / shape / "
-        f"count questions: {100 * base['accuracy']:.1f} % on all six types) and trains {cfg['steps']} steps of batch "
+        f"every strategy starts from {start} and trains {cfg['steps']} steps of batch "
         f"{cfg['batch_size']} on all six types through `pmod.training.train`; accuracy is greedy exact match of the exported, "
-        f"merged checkpoint. Learning rates: full-weight {cfg['lr_full']}, adapters {cfg['lr_adapter']}, GaLore full-weight "
+        f"merged checkpoint. Learning rates: base {cfg['lr_base']}, full-weight {cfg['lr_full']}, adapters {cfg['lr_adapter']}, GaLore full-weight "
         f"{cfg['lr_galore']}. Peak memory: {mem}. Device: {summary['device']}, {summary['seconds'] / 60:.1f} min in all."
     )
     out = [intro, "", *lines, ""]

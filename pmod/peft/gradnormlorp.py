@@ -114,8 +114,8 @@ class GradNormLoRPStrategy(LoraStrategy):
             out["bias"] = sub["bias"]
         return out
 
-    def save(self, model: nn.Module, folder: Path) -> Path:
-        return super().save(model, folder) if self.mode == "dora" else PeftStrategy.save(self, model, folder)
+    def save(self, model: nn.Module, folder: Path, state: dict[str, torch.Tensor] | None = None) -> Path:
+        return super().save(model, folder, state) if self.mode == "dora" else PeftStrategy.save(self, model, folder, state)
 
     # --- optimizer ------------------------------------------------------------------------------
     def build_optimizer(self, model: nn.Module, cfg: Any) -> torch.optim.Optimizer:

@@ -87,14 +87,17 @@ class LoraStrategy(PeftStrategy):
     def merge_linear(self, sub: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return lora_merge(sub, self.scaling, self.use_dora)
 
-    def save(self, model: nn.Module, folder: Path) -> Path:
+    def save(self, model: nn.Module, folder: Path, state: dict[str, torch.Tensor] | None = None) -> Path:
         from peft import get_peft_model_state_dict
         from safetensors.torch import save_file
 
-        out = super().save(model, folder)
+        out = super().save(model, folder, state)
         adapter = out / "adapter"
         adapter.mkdir(exist_ok=True)
         self.peft_config().save_pretrained(str(adapter))
-        state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model.language_model).items()}
+        lm_state = None if state is None else {k.removeprefix("language_model."): v for k, v in state.items()
+                                               if k.startswith("language_model.")}
+        peft_state = get_peft_model_state_dict(model.language_model, state_dict=lm_state)
+        state = {k: v.detach().cpu().contiguous() for k, v in peft_state.items()}
         save_file(state, str(adapter / "adapter_model.safetensors"), metadata={"format": "pt"})
         return out

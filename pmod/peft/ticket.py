@@ -156,16 +156,16 @@ class TicketStrategy(PeftStrategy):
                 groups.append({**g, "params": rest})
         return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
 
-    def trained_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+    def trained_state(self, model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """The fully trained roles, plus only the kept entries of each masked weight (`{name}.kept`, 1-D)."""
-        state = super().trained_state(model)
-        for n, p in self.weights(model).items():
-            state.pop(n, None)
-            state[f"{n}.kept"] = p.detach()[self.masks[n]].cpu().contiguous()
-        return state
+        out = super().trained_state(model, state)
+        for n in self.weights(model):
+            w = out.pop(n)
+            out[f"{n}.kept"] = w[self.masks[n].to(w.device)].contiguous()
+        return out
 
-    def save(self, model: nn.Module, folder: Path) -> Path:
-        out = super().save(model, folder)
+    def save(self, model: nn.Module, folder: Path, state: dict[str, torch.Tensor] | None = None) -> Path:
+        out = super().save(model, folder, state)
         save_file({n: m.cpu().contiguous() for n, m in self.masks.items()}, str(out / "mask.safetensors"), metadata={"format": "pt"})
         return out
 
