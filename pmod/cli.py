@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--convention", default="paper", choices=["paper", "complete"])
     p.set_defaults(fn=cmd_flops)
 
-    for name, module in (("train", "pmod.training.cli"), ("eval", "pmod.evaluation.cli"), ("bench", "pmod.bench"), ("demo", "pmod.demo")):
+    for name, module in (("train", "pmod.training.cli"), ("eval", "pmod.evaluation.cli"), ("bench", "pmod.bench"), ("demo", "pmod.demo"), ("compare-strategies", "pmod.peft.compare")):
         try:
             mod = __import__(module, fromlist=["add_parser"])
         except ModuleNotFoundError as e:
