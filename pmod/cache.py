@@ -6,6 +6,9 @@ they pass every layer, so each layer grows by one slot per step, while the next 
 continues the FULL merged sequence. Positions and per-layer lengths are therefore tracked apart.
 
 Lengths live on the host as well as on the device: the host copy sizes every view without a sync.
+The storage layout follows the attention backend that reads it: [B, S, G, D] for flash-attn's
+KV-cache kernel, heads first [B, G, S, D] for SDPA, whose kernels want contiguous per-head slabs
+(reading a transposed cache costs SDPA a copy of the whole cache every step).
 Legend: L layers, B rows, S slots, G kv heads, D head dim.
 """
 from __future__ import annotations
@@ -18,45 +21,77 @@ __all__ = ["PmodCache"]
 
 
 class PmodCache:
-    def __init__(self, num_layers: int, batch_size: int, reserve: int = 0):
+    def __init__(self, num_layers: int, batch_size: int, reserve: int = 0, heads_first: bool = False):
         self.num_layers, self.batch_size, self.reserve = num_layers, batch_size, reserve
-        self.k: list[torch.Tensor | None] = [None] * num_layers  # [B, S, G, D] each
+        self.heads_first = heads_first
+        self.k: list[torch.Tensor | None] = [None] * num_layers  # [B, S, G, D] each, or [B, G, S, D] if heads_first
         self.v: list[torch.Tensor | None] = [None] * num_layers
         self.lengths: list[list[int]] = [[0] * batch_size for _ in range(num_layers)]  # host
         self.seqlens: list[torch.Tensor | None] = [None] * num_layers  # [B] long, device of the layer
         self.positions: torch.Tensor | None = None  # [B] long: position id of the next token of each row
+        self._rows: torch.Tensor | None = None  # arange(B), made once for scattered appends
+
+    @property
+    def slot_dim(self) -> int:
+        return 2 if self.heads_first else 1
+
+    def slots(self, t: torch.Tensor) -> torch.Tensor:
+        """A stored k or v as a [B, S, G, D] view, whatever the storage layout."""
+        return t.transpose(1, 2) if self.heads_first else t
+
+    def layer_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(k, v) of one layer as [B, S, G, D] views of the filled slots (up to the longest row)."""
+        n = max(self.lengths[layer])
+        return self.slots(self.k[layer])[:, :n], self.slots(self.v[layer])[:, :n]
+
+    def _empty(self, like: torch.Tensor, cap: int, G: int, D: int) -> torch.Tensor:
+        return like.new_zeros((self.batch_size, G, cap, D) if self.heads_first else (self.batch_size, cap, G, D))
 
     # --- writes ---------------------------------------------------------------------------------
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor, varlen: Varlen) -> None:
         """Prefill: k, v [N_l, G, D] of the packed tokens this layer processed."""
-        B, (G, D) = self.batch_size, k.shape[1:]
         cap = varlen.max_seqlen + self.reserve
-        kc, vc = k.new_zeros(B, cap, G, D), v.new_zeros(B, cap, G, D)
-        kc[varlen.row, varlen.slot] = k.detach()
-        vc[varlen.row, varlen.slot] = v.detach()
+        G, D = k.shape[1:]
+        kc, vc = self._empty(k, cap, G, D), self._empty(v, cap, G, D)
+        self.slots(kc)[varlen.row, varlen.slot] = k.detach()
+        self.slots(vc)[varlen.row, varlen.slot] = v.detach()
         self.k[layer], self.v[layer] = kc, vc
         self.lengths[layer] = list(varlen.lens)
         self.seqlens[layer] = torch.tensor(varlen.lens, dtype=torch.long).to(k.device, non_blocking=True)
+        self._rows = None
 
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Decode: write k, v [B, G, D] at each row's next slot; return (k_cache, v_cache, seqlens) views."""
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+        """Decode: write k, v [B, G, D] at each row's next slot. Returns (k_cache, v_cache, seqlens, uniform):
+        views of the filled slots in the storage layout, lengths [B] after the write, and whether every
+        row has the same length (then no slot of the views is padding and attention needs no mask)."""
         if self.k[layer] is None:
             raise RuntimeError(f"PmodCache: layer {layer} was never prefilled; run a prefill before decoding")
-        need = max(self.lengths[layer]) + 1
-        if need > self.k[layer].shape[1]:
-            self._grow(layer, max(need, 2 * self.k[layer].shape[1]))
-        rows = torch.arange(self.batch_size, device=k.device)
-        self.k[layer][rows, self.seqlens[layer]] = k
-        self.v[layer][rows, self.seqlens[layer]] = v
-        self.seqlens[layer] = self.seqlens[layer] + 1
-        self.lengths[layer] = [n + 1 for n in self.lengths[layer]]
-        return self.k[layer][:, :need], self.v[layer][:, :need], self.seqlens[layer]
+        lens = self.lengths[layer]
+        lo, hi = min(lens), max(lens)
+        need = hi + 1
+        if need > self.k[layer].shape[self.slot_dim]:
+            self._grow(layer, max(need, 2 * self.k[layer].shape[self.slot_dim]))
+        kc, vc = self.slots(self.k[layer]), self.slots(self.v[layer])
+        if lo == hi:  # one host-known slot for every row: a plain strided copy, no index tensors
+            kc[:, hi] = k
+            vc[:, hi] = v
+        else:
+            if self._rows is None or self._rows.numel() != self.batch_size or self._rows.device != k.device:
+                self._rows = torch.arange(self.batch_size, device=k.device)
+            kc[self._rows, self.seqlens[layer]] = k
+            vc[self._rows, self.seqlens[layer]] = v
+        self.seqlens[layer] = self.seqlens[layer] + 1  # a new tensor: callers may hold the old one (bench rewinds)
+        self.lengths[layer] = [n + 1 for n in lens]
+        if self.heads_first:
+            return self.k[layer][:, :, :need], self.v[layer][:, :, :need], self.seqlens[layer], lo == hi
+        return self.k[layer][:, :need], self.v[layer][:, :need], self.seqlens[layer], lo == hi
 
     def _grow(self, layer: int, cap: int) -> None:
         for store in (self.k, self.v):
             old = store[layer]
-            new = old.new_zeros(old.shape[0], cap, *old.shape[2:])
-            new[:, : old.shape[1]] = old
+            view = self.slots(old)  # [B, S, G, D]
+            new = self._empty(old, cap, view.shape[2], view.shape[3])
+            self.slots(new)[:, : view.shape[1]] = view
             store[layer] = new
 
     def select_rows(self, rows: torch.Tensor) -> None:
@@ -70,6 +105,7 @@ class PmodCache:
         if self.positions is not None:
             self.positions = self.positions[rows.to(self.positions.device)]
         self.batch_size = len(keep)
+        self._rows = None
 
     # --- reports --------------------------------------------------------------------------------
     def layer_lengths(self) -> list[int] | torch.Tensor:
@@ -83,8 +119,13 @@ class PmodCache:
         out = []
         for i in range(self.num_layers):
             k = self.k[i]
-            out.append(0 if k is None else 2 * sum(self.lengths[i]) * k.shape[2] * k.shape[3] * k.element_size())
+            out.append(0 if k is None else sum(self.lengths[i]) * self.token_nbytes(i))
         return out
+
+    def token_nbytes(self, layer: int) -> int:
+        """Bytes one token takes in `layer` (keys + values over all kv heads)."""
+        k = self.k[layer]
+        return 2 * self.slots(k)[0, 0].numel() * k.element_size()
 
     def nbytes(self) -> int:
         return sum(self.layer_nbytes())

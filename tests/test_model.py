@@ -96,6 +96,43 @@ def test_decode_logits_match_recompute_to_1e5():
     torch.testing.assert_close(step, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [[(4, 1, 3)], [(4, 1, 3), (4, 1, 3)], [(3, 1, 4), (6, 1, 1), (2, 0, 5)]],
+                         ids=["one-row", "uniform-rows", "ragged-rows"])
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+def test_cache_layouts_decode_alike(backend, rows):
+    """SDPA's heads-first cache and eager's slots-first one give the same steps as a full recompute,
+    with rows of equal length (no mask, strided write) and unequal ones, and when the cache outgrows
+    its reserve (cache_reserve=1 forces a copy to a larger store at the second step)."""
+    model = tiny_model(layers=6)
+    model.attn_backend = backend
+    ids, mask, n = make_batch(rows, side="left")
+    pix = torch.randn(n, 3, 42, 42)
+    with torch.no_grad():
+        out = model(input_ids=ids, images=pix, attention_mask=mask, use_cache=True, cache_reserve=1,
+                    logits_to_keep="last")
+        cache, toks, steps = out.past_key_values, [out.logits.argmax(-1)], []
+        assert cache.heads_first == (backend == "sdpa")
+        for _ in range(3):
+            steps.append(model.decode_step(toks[-1], cache))
+            toks.append(steps[-1].argmax(-1))
+        full = torch.cat([ids, torch.stack(toks[:3], 1)], 1)
+        ref = model(input_ids=full, images=pix, attention_mask=torch.cat([mask, torch.ones(len(rows), 3, dtype=mask.dtype)], 1))
+    for i, step in enumerate(steps):
+        torch.testing.assert_close(step, ref.logits[:, i - 3], rtol=1e-5, atol=1e-5)
+    k, v = cache.layer_kv(0)  # [B, S, G, D] whatever the storage
+    assert k.shape[1] == max(cache.lengths[0]) and k.shape[2:] == (2, 16)
+
+
+def test_decode_with_a_cache_of_the_other_layout_is_refused():
+    model = tiny_model(layers=4)
+    ids, _, n = make_batch([(4, 1, 3)])
+    with torch.no_grad():
+        out = model(input_ids=ids, images=torch.randn(n, 3, 42, 42), use_cache=True, logits_to_keep="last")
+        model.attn_backend = "eager" if out.past_key_values.heads_first else "sdpa"
+        with pytest.raises(ValueError, match="prefill again"):
+            model.decode_step(out.logits.argmax(-1), out.past_key_values)
+
+
 def test_every_parameter_gets_a_gradient_and_routers_learn():
     model = tiny_model(layers=6).train()
     ids, mask, n = make_batch([(3, 1, 5), (2, 1, 6)])

@@ -28,7 +28,9 @@ def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, varlen: Varlen, s
     return torch.cat(out)
 
 
-def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlens: torch.Tensor, scale: float) -> torch.Tensor:
+def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlens: torch.Tensor, scale: float,
+           uniform: bool = False) -> torch.Tensor:
+    """q [B, H, D]; k/v_cache [B, S, G, D]; the mask is always built (this is the oracle)."""
     S = k_cache.shape[1]
     valid = torch.arange(S, device=q.device)[None, :] < seqlens[:, None]  # [B, S]
     return torch.stack([_attend(q[b, None], k_cache[b], v_cache[b], valid[b, None], scale)[0] for b in range(q.shape[0])])

@@ -18,8 +18,9 @@ def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, varlen: Varlen, s
     )
 
 
-def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlens: torch.Tensor, scale: float) -> torch.Tensor:
-    # q [B, H, D] -> [B, 1, H, D]; the caller has already written the new token into the cache.
+def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlens: torch.Tensor, scale: float,
+           uniform: bool = False) -> torch.Tensor:
+    # q [B, H, D] -> [B, 1, H, D]; k/v_cache [B, S, G, D], the new token already written.
     o = flash_attn_with_kvcache(q[:, None], k_cache, v_cache, cache_seqlens=seqlens.to(torch.int32),
                                 softmax_scale=scale, causal=True)
     return o[:, 0]

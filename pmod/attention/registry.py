@@ -14,9 +14,13 @@ __all__ = ["AttentionBackend", "BACKENDS", "available_backends", "resolve_backen
 
 @dataclass(frozen=True)
 class AttentionBackend:
+    """prefill(q, k, v, varlen, scale) over packed [N, *, D]; decode(q [B, H, D], k_cache, v_cache, seqlens [B],
+    scale, uniform) over a PmodCache layer stored heads first ([B, G, S, D]) or not ([B, S, G, D])."""
+
     name: str
     prefill: Callable
     decode: Callable
+    heads_first_cache: bool = False
 
 
 def flash_attn_available() -> bool:
@@ -31,7 +35,7 @@ def _flash() -> AttentionBackend:
 
 BACKENDS: dict[str, Callable[[], AttentionBackend]] = {
     "eager": lambda: AttentionBackend("eager", eager.prefill, eager.decode),
-    "sdpa": lambda: AttentionBackend("sdpa", sdpa.prefill, sdpa.decode),
+    "sdpa": lambda: AttentionBackend("sdpa", sdpa.prefill, sdpa.decode, heads_first_cache=True),
     "flash": _flash,
 }
 

@@ -34,15 +34,13 @@ def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, varlen: Varlen, s
     return out
 
 
-def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlens: torch.Tensor, scale: float) -> torch.Tensor:
-    S = k_cache.shape[1]
-    valid = torch.arange(S, device=q.device)[None, :] < seqlens[:, None]  # [B, S]
-    o = F.scaled_dot_product_attention(
-        q[:, :, None],  # [B, H, 1, D]
-        k_cache.transpose(1, 2),  # [B, G, S, D]
-        v_cache.transpose(1, 2),
-        attn_mask=valid[:, None, None, :],
-        scale=scale,
-        enable_gqa=q.shape[1] != k_cache.shape[2],
-    )
+def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlens: torch.Tensor, scale: float,
+           uniform: bool = False) -> torch.Tensor:
+    """q [B, H, D]; k/v_cache [B, G, S, D] (heads first); rows of equal length need no mask."""
+    mask = None
+    if not uniform:
+        S = k_cache.shape[2]
+        mask = (torch.arange(S, device=q.device)[None, :] < seqlens[:, None])[:, None, None, :]  # [B, 1, 1, S]
+    o = F.scaled_dot_product_attention(q[:, :, None], k_cache, v_cache, attn_mask=mask, scale=scale,
+                                       enable_gqa=q.shape[1] != k_cache.shape[1])  # [B, H, 1, D]
     return o[:, :, 0]

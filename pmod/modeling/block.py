@@ -75,8 +75,8 @@ class Attention(nn.Module):
         k = apply_rope(self.k_proj(x).view(N, self.G, self.D), cos, sin)  # [N, G, D]
         v = self.v_proj(x).view(N, self.G, self.D)  # [N, G, D]
         if ctx.decode:  # N = B rows, one new token each
-            k_cache, v_cache, seqlens = ctx.cache.append(self.layer_idx, k, v)
-            o = ctx.backend.decode(q, k_cache, v_cache, seqlens, self.scale)
+            k_cache, v_cache, seqlens, uniform = ctx.cache.append(self.layer_idx, k, v)
+            o = ctx.backend.decode(q, k_cache, v_cache, seqlens, self.scale, uniform)
         else:
             if ctx.cache is not None:
                 ctx.cache.store(self.layer_idx, k, v, ctx.varlen)

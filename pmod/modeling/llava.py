@@ -200,8 +200,12 @@ class PmodForConditionalGeneration(nn.Module):
     ) -> PmodOutput:
         """Prefill or training forward. `logits_to_keep='last'` returns [B, V] logits of each row's last token."""
         x, layout = self.prepare(input_ids, images, image_sizes, attention_mask)
-        cache = PmodCache(self.config.text.num_hidden_layers, layout.batch_size, reserve=cache_reserve) if use_cache else None
-        h, routing = self.language_model(x, layout, AttnContext(self._backend(), layout.varlen, cache), record=output_routing)
+        backend = self._backend()
+        cache = None
+        if use_cache:  # stored in the layout this backend's decode reads
+            cache = PmodCache(self.config.text.num_hidden_layers, layout.batch_size, reserve=cache_reserve,
+                              heads_first=backend.heads_first_cache)
+        h, routing = self.language_model(x, layout, AttnContext(backend, layout.varlen, cache), record=output_routing)
         if cache is not None:
             cache.positions = torch.tensor(layout.varlen.lens, dtype=torch.long).to(h.device)
 
@@ -233,8 +237,12 @@ class PmodForConditionalGeneration(nn.Module):
     @torch.no_grad()
     def decode_step(self, token_ids: torch.Tensor, cache: PmodCache) -> torch.Tensor:
         """Feed one token per row [B]; returns next-token logits [B, V] (float32) and advances the cache."""
+        backend = self._backend()
+        if cache.heads_first != backend.heads_first_cache:
+            raise ValueError(f"this cache was filled for a {'heads-first' if cache.heads_first else 'slots-first'} backend; "
+                             f"attention backend {backend.name!r} reads the other layout: prefill again with it")
         x = self.language_model.embed_tokens(token_ids.to(self.device))  # [B, C]
-        ctx = AttnContext(self._backend(), cache=cache, decode=True)
+        ctx = AttnContext(backend, cache=cache, decode=True)
         h = self.language_model.decode(x, cache.positions, ctx)
         cache.positions = cache.positions + 1
         return self.lm_head(h).float()
