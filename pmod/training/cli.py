@@ -20,7 +20,7 @@ __all__ = ["add_parser", "add_arguments", "run", "config_from_args"]
 _TYPES: dict[str, Any] = {  # fields whose default (None) does not tell the type
     "image_folder": str, "vision_tower": str, "tokenizer": str, "pretrain_mm_projector": str, "image_aspect_ratio": str,
     "mm_patch_merge_type": str, "template": str, "model_max_length": int, "max_samples": int, "max_steps": int,
-    "projector_lr": float, "warmup_steps": int, "save_total_limit": int, "run_name": str,
+    "projector_lr": float, "vision_tower_lr": float, "router_lr": float, "warmup_steps": int, "save_total_limit": int, "run_name": str,
 }
 _CHOICES = {"stage": STAGES, "mixed_precision": MIXED_PRECISION, "lr_scheduler": LR_SCHEDULERS,
             "image_aspect_ratio": ("pad", "anyres", "square"), "mm_patch_merge_type": ("flat", "spatial_unpad", "spatial"),

@@ -67,6 +67,8 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     learning_rate: float = 2e-5
     projector_lr: float | None = None  # LLaVA's mm_projector_lr
+    vision_tower_lr: float | None = None  # LLaVA's mm_vision_tower_lr (with train_vision_tower)
+    router_lr: float | None = None  # MoD routers; None = learning_rate
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999

@@ -113,17 +113,22 @@ class BaseStrategy:
 
     def param_groups(self, model: nn.Module, cfg: Any) -> list[dict[str, Any]]:
         """AdamW groups: no weight decay on 1-D tensors (biases, norms, image_newline), as transformers'
-        Trainer; the projector at `cfg.projector_lr` when set (LLaVA's mm_projector_lr)."""
-        groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+        Trainer; the projector, vision tower and routers at their own rate when set (LLaVA's
+        mm_projector_lr and mm_vision_tower_lr; `router_lr` keeps Adam from saturating TanhNorm at
+        the high rates of small from-scratch models)."""
+        role_lr = {"projector": cfg.projector_lr, "vision": getattr(cfg, "vision_tower_lr", None),
+                   "router": getattr(cfg, "router_lr", None)}
+        groups: dict[tuple[bool, str], list[nn.Parameter]] = {}
         for name, p in model.named_parameters():
             if p.requires_grad:
-                key = (p.ndim >= 2, cfg.projector_lr is not None and param_role(name) == "projector")
+                role = param_role(name)
+                key = (p.ndim >= 2, role if role_lr.get(role) is not None else "")
                 groups.setdefault(key, []).append(p)
         out = []
-        for (decay, proj), params in sorted(groups.items()):
+        for (decay, role), params in sorted(groups.items()):
             g: dict[str, Any] = {"params": params, "weight_decay": cfg.weight_decay if decay else 0.0}
-            if proj:
-                g["lr"] = cfg.projector_lr
+            if role:
+                g["lr"] = role_lr[role]
             out.append(g)
         if not out:
             raise ValueError(f"strategy {self.name!r}: no trainable parameters")
