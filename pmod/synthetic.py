@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-__all__ = ["COLORS", "SHAPES", "QUESTION_TYPES", "Scene", "make_scene", "render", "make_sample", "write_split", "write_dataset",
-           "object_patch_mask", "train_tokenizer", "corpus"]
+__all__ = ["COLORS", "SHAPES", "CELLS", "DESCRIBE", "QUESTION_TYPES", "Scene", "make_scene", "render", "make_sample", "write_split", "write_dataset",
+           "object_patch_mask", "train_tokenizer", "corpus", "describe"]
 
 COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 230), "yellow": (235, 215, 40),
           "purple": (150, 60, 200), "orange": (245, 140, 30)}
@@ -53,7 +53,7 @@ def make_scene(rng: np.random.Generator, size: int = 64) -> Scene:
     objs, half = [], size // 2
     for cell in cells:
         big = bool(rng.random() < 0.5)
-        side = int(half * (0.62 if big else 0.40))
+        side = int(half * (0.78 if big else 0.50))
         cx0, cy0 = int(cell % 2) * half, int(cell // 2) * half
         x0 = int(cx0 + rng.integers(2, half - side - 1))
         y0 = int(cy0 + rng.integers(2, half - side - 1))
@@ -135,29 +135,48 @@ def make_sample(scene: Scene, rng: np.random.Generator, qtype: str) -> tuple[str
     return "How many objects are there? Answer with one word.", NUMBERS[len(objs)], "count"
 
 
+DESCRIBE = "Describe the objects."
+
+
+def describe(scene: Scene) -> str:
+    """A caption naming every object by cell, e.g. "top left large red circle. bottom right small blue cross."
+    (LLaVA's stage-1 alignment data for this task: dense supervision of what is where)."""
+    return " ".join(f"{CELLS[o.cell]} {o.size} {o.color} {o.shape}." for o in sorted(scene.objects, key=lambda o: o.cell))
+
+
 def write_split(root: str | Path, split: str, n: int, image_size: int = 64, seed: int | None = None,
-                rounds: int = 1) -> list[dict]:
+                rounds: int = 1, caption: bool = False) -> list[dict]:
     """Write `n` images of `split` under `root`, each with `rounds` questions (types cycled, so a
     multi-round conversation asks about the same image several ways); returns one flat record per
-    question. Deterministic in (split, n, seed, rounds)."""
+    question. With `caption`, also `{split}_captions.json`: one DESCRIBE -> caption conversation per
+    image (LLaVA's stage-1 alignment data; kept out of the question conversations, where a caption
+    in context would let the model answer from the text instead of the image). Deterministic in
+    (split, n, seed, rounds); images do not depend on `caption`."""
     root = Path(root)
     (root / "images").mkdir(parents=True, exist_ok=True)
     base = SPLIT_SEEDS[split] if seed is None else seed
-    records, convs = [], []
+    records, convs, captions = [], [], []
     for i in range(n):
         rng = np.random.default_rng(base + i)
         scene = make_scene(rng, image_size)
         name = f"images/{split}_{i:06d}.png"
         render(scene).save(root / name)
+        if caption:
+            captions.append({"id": f"{split}_{i:06d}_caption", "image": name, "conversations": [
+                {"from": "human", "value": "<image>\n" + DESCRIBE}, {"from": "gpt", "value": describe(scene)}]})
         turns = []
         for j in range(rounds):
             question, answer, qtype = make_sample(scene, rng, QUESTION_TYPES[(i + j) % len(QUESTION_TYPES)])
             rid = f"{split}_{i:06d}" + (f"_{j}" if rounds > 1 else "")
             records.append({"id": rid, "image": name, "question": question, "answer": answer, "type": qtype,
                             "objects": [asdict(o) for o in scene.objects]})
-            turns += [{"from": "human", "value": ("<image>\n" if j == 0 else "") + question}, {"from": "gpt", "value": answer}]
-        convs.append({"id": f"{split}_{i:06d}", "image": name, "conversations": turns})
+            turns += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+        if turns:
+            turns[0]["value"] = "<image>\n" + turns[0]["value"]
+            convs.append({"id": f"{split}_{i:06d}", "image": name, "conversations": turns})
     (root / f"{split}.json").write_text(json.dumps(convs))
+    if caption:
+        (root / f"{split}_captions.json").write_text(json.dumps(captions))
     with open(root / f"{split}.jsonl", "w") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")
@@ -165,10 +184,12 @@ def write_split(root: str | Path, split: str, n: int, image_size: int = 64, seed
 
 
 def write_dataset(root: str | Path, n_train: int = 8000, n_val: int = 300, n_test: int = 600, image_size: int = 64,
-                  train_rounds: int = 6) -> Path:
-    """Train images carry `train_rounds` questions each (one conversation); val and test one each."""
+                  train_rounds: int = 6, caption: bool = True) -> Path:
+    """Train images carry `train_rounds` questions each, as one conversation (and, with `caption`, a
+    caption each in `train_captions.json`); val and test one question each."""
     for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
-        write_split(root, split, n, image_size, rounds=train_rounds if split == "train" else 1)
+        train = split == "train"
+        write_split(root, split, n, image_size, rounds=train_rounds if train else 1, caption=caption and train)
     return Path(root)
 
 
@@ -205,4 +226,4 @@ def train_tokenizer(texts: list[str], folder: str | Path | None = None):
 
 def corpus(records: list[dict]) -> list[str]:
     """Every text the model will see: questions, answers and the chat markers of its template."""
-    return [r["question"] for r in records] + [r["answer"] for r in records] + ["USER: ASSISTANT: </s>"]
+    return [r["question"] for r in records] + [r["answer"] for r in records] + ["USER: ASSISTANT: </s>", DESCRIBE, "small large"]

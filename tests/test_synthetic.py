@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 
-from pmod.synthetic import COLORS, QUESTION_TYPES, SHAPES, object_patch_mask, write_split
+from pmod.synthetic import CELLS, COLORS, DESCRIBE, QUESTION_TYPES, SHAPES, object_patch_mask, write_split
 
 
 def test_deterministic_and_both_formats(tmp_path):
@@ -50,3 +50,23 @@ def test_object_patch_mask_covers_boxes():
     grid = m.reshape(16, 16)
     assert grid[0, :2].all() and not grid[1, 0] and grid[15, 15] and grid.sum() == 3
     assert np.isclose(m.mean(), 3 / 256)
+
+
+def test_captions_name_every_object_and_stay_out_of_the_questions(tmp_path):
+    recs = write_split(tmp_path, "train", 12, rounds=3, caption=True)
+    convs = json.loads((tmp_path / "train.json").read_text())
+    caps = json.loads((tmp_path / "train_captions.json").read_text())
+    assert len(caps) == len(convs) == 12 and len(recs) == 36
+    for conv, cap in zip(convs, caps):
+        assert cap["image"] == conv["image"]
+        assert cap["conversations"][0]["value"] == "<image>\n" + DESCRIBE
+        assert all(t["value"] != DESCRIBE for t in conv["conversations"])  # questions only, image in the first turn
+        assert conv["conversations"][0]["value"].startswith("<image>\n") and len(conv["conversations"]) == 6
+        objs = [r for r in recs if r["image"] == conv["image"]][0]["objects"]
+        said = [s.strip() for s in cap["conversations"][1]["value"].split(".") if s.strip()]
+        want = [f"{CELLS[o['cell']]} {o['size']} {o['color']} {o['shape']}" for o in sorted(objs, key=lambda o: o["cell"])]
+        assert said == want
+    # the images do not depend on whether captions are written
+    plain = write_split(tmp_path / "plain", "train", 12, rounds=3)
+    assert plain == recs
+    assert (tmp_path / "plain" / "images" / "train_000004.png").read_bytes() == (tmp_path / "images" / "train_000004.png").read_bytes()
