@@ -164,7 +164,9 @@ def run(args) -> int:
     deep_share = sum(many["kept_on_objects"][k] for k in deep) / len(deep)
     print(f"\nRouting map saved to {png}")
     print(f"Objects cover {100 * many['object_coverage']:.1f} % of the patches; in the deeper MoD layers {deep} "
-          f"{100 * deep_share:.1f} % of the kept vision tokens lie on objects (over {args.focus_samples} test images).")
+          f"{100 * deep_share:.1f} % of the kept vision tokens lie on objects (over {args.focus_samples} test images); "
+          "per MoD layer: " + ", ".join(f"{k}: {100 * v:.1f} %" for k, v in many["kept_on_objects"].items())
+          + f". (The last layer's router never gets a gradient: nothing reads vision tokens after it.)")
     summary = {
         "accuracy": {r.name: r.accuracy for r in results}, "per_type": {r.name: r.per_type for r in results},
         "relative_accuracy": rel, "flops_ratio": results[0].tflops / results[0].tflops_dense,

@@ -1,69 +1,142 @@
 """Rebuild the embedded default: the tiny p-MoD model (and its dense twin) shipped in pmod/assets/.
 
     python train/embedded_default.py                  # ~30 min on 2 CPU cores, writes pmod/assets/tiny-synth-{pmod,dense}
-    python train/embedded_default.py --steps 20       # a quick check of the whole path
+    python train/embedded_default.py --align-steps 10 --steps 10 --no-install   # a quick check of the whole path
 
-Steps: write the synthetic VQA data (train: several questions per image as one conversation), train a
-word-level tokenizer on it, build one randomly initialised tiny LLaVA (CLIP-style ViT from scratch,
-LLaMA-style decoder, 256 vision tokens per 64 px image), then train it twice with `pmod.training`
-from the same start, seed and step budget: once dense, once with the default p-MoD schedule. The
-vision tower is trained too (it starts from scratch). Deterministic given the seed.
+LLaVA's two stages, on the synthetic task of `pmod.synthetic`, with `pmod.training` throughout:
+
+1. Alignment (dense, both cores: two gloo processes): one randomly initialised tiny LLaVA (CLIP-style
+   ViT from scratch, LLaMA-style decoder, 256 vision tokens per 64 px image) learns to caption scenes
+   ("top left small red circle. ..."). Everything trains, the ViT included. Captions name every object,
+   so they teach the ViT what is where far faster than one-word answers do.
+2. Instruction tuning (one core each, side by side): from the same stage-1 weights, seed, data and step
+   budget, at half the rate, a dense model and a p-MoD model with the default schedule learn the
+   questions, mixed with the captions (which keep the grounding). Each caption and each question
+   conversation is its own sample: a caption in the context would answer the questions without the
+   image. p-MoD enters here, as in the paper (its models fine-tune with MoD layers from stage-1 weights).
+
+Deterministic given the seed and the process count. Use one torch thread per process: on a small
+shared CPU, more threads oversubscribe and run several times slower.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import shutil
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
+import yaml
+from tqdm import tqdm
 
 from pmod import PmodForConditionalGeneration, PmodProcessor
 from pmod.config import ModConfig, PmodConfig, TextConfig, VisionConfig
-from pmod.synthetic import corpus, write_dataset
-from pmod.training import TrainConfig, train
+from pmod.synthetic import corpus, train_tokenizer, write_dataset
+from pmod.training import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO / "pmod" / "assets"
+TWO_PROCS = REPO / "train" / "accelerate" / "cpu-2proc.yaml"
 
 
 def tiny_config(vocab_size: int) -> PmodConfig:
-    """~1 M parameters: 64 px images in 4 px patches (256 vision tokens), a 3-layer ViT, a 6-layer decoder."""
+    """~1.5 M parameters: 64 px images in 4 px patches (256 vision tokens), a 4-layer ViT, a 6-layer decoder."""
     return PmodConfig(
         text=TextConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=6,
                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5,
                         bos_token_id=1, eos_token_id=2, pad_token_id=0),
-        vision=VisionConfig(clip=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        vision=VisionConfig(clip=dict(hidden_size=96, intermediate_size=192, num_hidden_layers=4, num_attention_heads=4,
                                       image_size=64, patch_size=4, hidden_act="gelu"), select_layer=-1),
         mod=ModConfig(schedule="none"), projector_type="mlp2x_gelu", image_aspect_ratio="square",
         model_max_length=512, conv_template="chat_nosys",
     )
 
 
+def sincos_2d(grid: int, dim: int) -> torch.Tensor:
+    """[grid*grid, dim] fixed 2-D sine-cosine position code (MAE's), row-major like the patches: half the
+    channels encode the row, half the column, each at dim/4 geometric frequencies."""
+    q = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(q, dtype=torch.float64) / q)  # [q]
+    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij")
+    code = lambda pos: torch.cat([torch.sin(pos.reshape(-1, 1) * omega), torch.cos(pos.reshape(-1, 1) * omega)], 1)  # noqa: E731
+    return torch.cat([code(ys), code(xs)], 1).float()
+
+
+def _launch(cfg: TrainConfig, work: Path, name: str, procs: int) -> subprocess.Popen:
+    """`python -m pmod.training --config` (under `accelerate launch` for 2 processes), one thread each, logged to a file."""
+    path = work / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    cmd = [sys.executable, "-m", "pmod.training", "--config", str(path)]
+    if procs > 1:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(TWO_PROCS), "--num_processes",
+               str(procs), "--main_process_port", str(port), *cmd[1:]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(work / f"{name}.log", "w"), stderr=subprocess.STDOUT)
+
+
+def _finished(cfg: TrainConfig) -> bool:
+    """A run whose output holds an exported model trained with exactly this config (make-style: not redone)."""
+    out = Path(cfg.output)
+    if not (out / "model.safetensors").exists() or not (out / "train_config.yaml").exists():
+        return False
+    return yaml.safe_load((out / "train_config.yaml").read_text()) == yaml.safe_load(yaml.safe_dump(cfg.to_dict()))
+
+
+def _wait(runs: dict[str, tuple[subprocess.Popen, TrainConfig]], desc: str) -> None:
+    """Wait for the runs, one progress bar over all their steps (read from each run's train_log.jsonl)."""
+    total = sum(cfg.max_steps for _, cfg in runs.values())
+    with tqdm(total=total, desc=desc, unit="step") as bar:
+        while True:
+            done = 0
+            for proc, cfg in runs.values():
+                log = Path(cfg.output) / "train_log.jsonl"
+                if log.exists():
+                    lines = log.read_text().splitlines()
+                    done += json.loads(lines[-1])["step"] if lines else 0
+            bar.update(done - bar.n)
+            if all(p.poll() is not None for p, _ in runs.values()):
+                break
+            time.sleep(5)
+    for name, (proc, cfg) in runs.items():
+        if proc.returncode != 0:
+            log = Path(cfg.output).parent / f"{name}.log"
+            raise RuntimeError(f"training run {name!r} failed (exit {proc.returncode}); last lines of {log}:\n"
+                               + "\n".join(log.read_text().splitlines()[-20:]))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default=str(REPO / "runs" / "embedded-default"))
-    ap.add_argument("--steps", type=int, default=700)
-    ap.add_argument("--batch-size", type=int, default=16, help="images per step (each with --rounds questions)")
-    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--align-steps", type=int, default=1500, help="stage 1 steps (captions, dense, 2 processes)")
+    ap.add_argument("--steps", type=int, default=560, help="stage 2 steps of each model (side by side)")
+    ap.add_argument("--batch-size", type=int, default=16, help="images per step (stage 1: split over the 2 processes)")
+    ap.add_argument("--rounds", type=int, default=4, help="questions per image in a stage-2 conversation")
     ap.add_argument("--n-train", type=int, default=8000)
     ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--router-lr", type=float, default=1e-4, help="MoD routers (Adam at --lr saturates TanhNorm)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-install", action="store_true", help="leave pmod/assets untouched")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
     work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
 
     t0 = time.perf_counter()
     data = work / "data"
     if not (data / "train.json").exists():
-        write_dataset(data, n_train=args.n_train, train_rounds=args.rounds)
-    import json
-
+        write_dataset(data, n_train=args.n_train, train_rounds=args.rounds, caption=True)
+    mixture = data / "train_mixture.json"  # questions and captions, one sample each
+    if not mixture.exists():
+        mixture.write_text(json.dumps(json.loads((data / "train.json").read_text())
+                                      + json.loads((data / "train_captions.json").read_text())))
     records = [json.loads(line) for line in (data / "train.jsonl").read_text().splitlines()]
-    from pmod.synthetic import train_tokenizer
-
     tokenizer = train_tokenizer(corpus(records))
     torch.manual_seed(args.seed)
     init = PmodForConditionalGeneration(tiny_config(len(tokenizer))).init_weights()
@@ -72,23 +145,35 @@ def main() -> None:
     print(f"data + tokenizer ({len(tokenizer)} words) + init: {time.perf_counter() - t0:.0f} s")
 
     base = TrainConfig(
-        model=str(work / "init"), data=str(data / "train.json"), image_folder=str(data), stage="finetune",
-        template="chat_nosys", train_vision_tower=True, per_device_batch_size=args.batch_size, max_steps=args.steps,
-        learning_rate=args.lr, warmup_ratio=0.05, lr_scheduler="cosine", weight_decay=0.0, seed=args.seed,
-        save_steps=max(args.steps // 2, 1), save_total_limit=1, logging_steps=25, group_by_modality_length=False,
-        check_images=False,
+        model=str(work / "init"), data=str(data / "train_captions.json"), image_folder=str(data), stage="finetune",
+        template="chat_nosys", train_vision_tower=True, per_device_batch_size=args.batch_size // 2,
+        max_steps=args.align_steps, learning_rate=args.lr, warmup_ratio=0.03, lr_scheduler="cosine", weight_decay=0.0,
+        seed=args.seed, save_steps=max(args.align_steps // 2, 1), save_total_limit=1, logging_steps=10,
+        group_by_modality_length=False, check_images=False, output=str(work / "align"), mod={"schedule": "none"},
     )
-    timings = {}
-    for name, mod in (("dense", {"schedule": "none"}), ("pmod", {"schedule": "shiftedcos"})):
-        t = time.perf_counter()
-        result = train(base.replace(output=str(work / name), mod=mod))
-        timings[name] = time.perf_counter() - t
-        print(f"{name}: {args.steps} steps in {timings[name] / 60:.1f} min, last loss {result.loss}")
-        if not args.no_install:
+    t = time.perf_counter()
+    if _finished(base):
+        print(f"stage 1: {base.output} already holds this run; kept (delete it to retrain)")
+    else:
+        _wait({"align": (_launch(base, work, "align", procs=2), base)}, "stage 1: captions (dense, 2 processes)")
+        print(f"stage 1: {args.align_steps} steps in {(time.perf_counter() - t) / 60:.1f} min")
+
+    runs = {}
+    for name, schedule in (("dense", "none"), ("pmod", "shiftedcos")):
+        cfg = base.replace(model=str(work / "align"), data=str(mixture), learning_rate=args.lr / 2, per_device_batch_size=args.batch_size,
+                           max_steps=args.steps, save_steps=max(args.steps // 2, 1), output=str(work / name),
+                           mod={"schedule": schedule}, router_lr=args.router_lr if schedule != "none" else None)
+        runs[name] = (_launch(cfg, work, name, procs=1), cfg)
+    t = time.perf_counter()
+    _wait(runs, "stage 2: dense | p-MoD (side by side)")
+    print(f"stage 2: {args.steps} steps each in {(time.perf_counter() - t) / 60:.1f} min")
+
+    if not args.no_install:
+        for name in runs:
             dest = ASSETS / f"tiny-synth-{name}"
             shutil.rmtree(dest, ignore_errors=True)
-            shutil.copytree(result.exported, dest, ignore=shutil.ignore_patterns("checkpoints", "skipped_samples.json"))
-    print(f"total {(time.perf_counter() - t0) / 60:.1f} min; checkpoints in {ASSETS}" if not args.no_install else "")
+            shutil.copytree(work / name, dest, ignore=shutil.ignore_patterns("checkpoints", "skipped_samples.json"))
+    print(f"total {(time.perf_counter() - t0) / 60:.1f} min" + ("" if args.no_install else f"; checkpoints in {ASSETS}"))
 
 
 if __name__ == "__main__":

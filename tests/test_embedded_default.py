@@ -1,0 +1,50 @@
+"""The embedded default: the shipped checkpoints drive `pmod demo`, and the script that made them runs."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+import pmod
+from pmod.cli import main
+from pmod.demo import DENSE_CKPT, PMOD_CKPT
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_shipped_checkpoints_are_a_pmod_model_and_its_dense_twin():
+    pm, dense = pmod.load_config(PMOD_CKPT), pmod.load_config(DENSE_CKPT)
+    assert pm.mod.schedule == "shiftedcos" and dense.mod.schedule == "none"
+    assert pm.vision.num_patches >= 256  # vision tokens dominate the sequence
+    assert pm.replace(mod=dense.mod).to_dict() == dense.to_dict()  # same architecture otherwise
+    for ckpt in (PMOD_CKPT, DENSE_CKPT):
+        assert (ckpt / "model.safetensors").stat().st_size < 16 * 2**20
+
+
+def test_demo_on_the_shipped_checkpoints(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--output", str(out), "--n-test", "24", "--fresh", "2", "--focus-samples", "4", "--seed", "5"]) == 0
+    summary = json.loads((out / "demo.json").read_text())
+    assert set(summary["accuracy"]) == {"p-MoD", "dense"}
+    assert summary["flops_ratio"] < 0.6 and summary["kv_ratio"] < 0.75
+    assert (out / "routing_map.png").stat().st_size > 0 and (out / "demo.md").exists()
+    text = capsys.readouterr().out
+    assert "p-MoD reaches" in text and "Routing map saved" in text
+
+
+def test_training_script_end_to_end(tmp_path):
+    """Both stages at a few steps: two gloo processes, then dense and p-MoD side by side from stage 1."""
+    cmd = [sys.executable, str(REPO / "train" / "embedded_default.py"), "--work", str(tmp_path), "--align-steps", "2",
+           "--steps", "2", "--n-train", "24", "--no-install"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO, check=False)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    for name, schedule in (("dense", "none"), ("pmod", "shiftedcos")):
+        model = pmod.from_pretrained(tmp_path / name, dtype=torch.float32)
+        assert model.config.mod.schedule == schedule
+        log = [json.loads(line) for line in (tmp_path / name / "train_log.jsonl").read_text().splitlines()]
+        assert log[-1]["step"] == 2
+    assert "2 process(es)" in (tmp_path / "align.log").read_text()
+    assert "router_lr: 0.0001" in (tmp_path / "pmod.yaml").read_text()
