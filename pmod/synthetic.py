@@ -53,7 +53,7 @@ def make_scene(rng: np.random.Generator, size: int = 64) -> Scene:
     objs, half = [], size // 2
     for cell in cells:
         big = bool(rng.random() < 0.5)
-        side = int(half * (0.78 if big else 0.50))
+        side = int(half * (0.84 if big else 0.60))
         cx0, cy0 = int(cell % 2) * half, int(cell // 2) * half
         x0 = int(cx0 + rng.integers(2, half - side - 1))
         y0 = int(cy0 + rng.integers(2, half - side - 1))
