@@ -29,7 +29,6 @@ class PmodCache:
         self.lengths: list[list[int]] = [[0] * batch_size for _ in range(num_layers)]  # host
         self.seqlens: list[torch.Tensor | None] = [None] * num_layers  # [B] long, device of the layer
         self.positions: torch.Tensor | None = None  # [B] long: position id of the next token of each row
-        self._rows: torch.Tensor | None = None  # arange(B), made once for scattered appends
 
     @property
     def slot_dim(self) -> int:
@@ -58,7 +57,6 @@ class PmodCache:
         self.k[layer], self.v[layer] = kc, vc
         self.lengths[layer] = list(varlen.lens)
         self.seqlens[layer] = torch.tensor(varlen.lens, dtype=torch.long).to(k.device, non_blocking=True)
-        self._rows = None
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
         """Decode: write k, v [B, G, D] at each row's next slot. Returns (k_cache, v_cache, seqlens, uniform):
@@ -76,15 +74,13 @@ class PmodCache:
             kc[:, hi] = k
             vc[:, hi] = v
         else:
-            if self._rows is None or self._rows.numel() != self.batch_size or self._rows.device != k.device:
-                self._rows = torch.arange(self.batch_size, device=k.device)
-            kc[self._rows, self.seqlens[layer]] = k
-            vc[self._rows, self.seqlens[layer]] = v
+            rows = torch.arange(self.batch_size, device=k.device)
+            kc[rows, self.seqlens[layer]] = k
+            vc[rows, self.seqlens[layer]] = v
         self.seqlens[layer] = self.seqlens[layer] + 1  # a new tensor: callers may hold the old one (bench rewinds)
         self.lengths[layer] = [n + 1 for n in lens]
-        if self.heads_first:
-            return self.k[layer][:, :, :need], self.v[layer][:, :, :need], self.seqlens[layer], lo == hi
-        return self.k[layer][:, :need], self.v[layer][:, :need], self.seqlens[layer], lo == hi
+        k_all, v_all = self.k[layer].narrow(self.slot_dim, 0, need), self.v[layer].narrow(self.slot_dim, 0, need)
+        return k_all, v_all, self.seqlens[layer], lo == hi
 
     def _grow(self, layer: int, cap: int) -> None:
         for store in (self.k, self.v):
@@ -105,7 +101,6 @@ class PmodCache:
         if self.positions is not None:
             self.positions = self.positions[rows.to(self.positions.device)]
         self.batch_size = len(keep)
-        self._rows = None
 
     # --- reports --------------------------------------------------------------------------------
     def layer_lengths(self) -> list[int] | torch.Tensor:
