@@ -65,6 +65,17 @@ def snapshot(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def check_merged_and_reloaded(model, strategy, b: dict, folder) -> None:
+    """The merged state dict in a plain model, and the saved adapter reloaded, give `model`'s logits on `b`."""
+    ref = logits(model, b)
+    plain = tiny_model()
+    plain.load_state_dict(strategy.merge_state(dict(model.state_dict())))
+    assert (logits(plain, b) - ref).abs().max() <= 1e-5
+    strategy.save(model, folder)
+    again, _ = peft_strategies.load_trained(tiny_model(), folder)
+    assert torch.equal(logits(again, b), ref)
+
+
 def test_registry_lists_every_strategy_and_each_fits_the_protocol():
     assert set(ALL) <= set(peft_strategies.list_strategies())  # other tests may register their own
     for name in ALL:

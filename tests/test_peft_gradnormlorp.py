@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import tiny_model
-from test_peft_common import FINETUNE, batch, cfg, logits, prepared, run_steps
+from test_peft_common import FINETUNE, batch, cfg, check_merged_and_reloaded, logits, prepared, run_steps
 
 import pmod.peft as peft_strategies
 from pmod.peft import optimizer_state_bytes, optimizer_state_bytes_8bit
@@ -84,12 +84,7 @@ def test_merge_and_reload_give_the_unmerged_logits(mode, tmp_path):
     model, s, opt = prepared("gradnormlorp", mode=mode, lora_r=4, rank=4, scale=1.0)
     run_steps(model, s, opt, 3)
     ref = logits(model, b)
-    plain = tiny_model()
-    plain.load_state_dict(s.merge_state(dict(model.state_dict())))
-    assert (logits(plain, b) - ref).abs().max() <= 1e-5
-    s.save(model, tmp_path)
-    again, _ = peft_strategies.load_trained(tiny_model(), tmp_path)
-    assert torch.equal(logits(again, b), ref)
+    check_merged_and_reloaded(model, s, b, tmp_path)
     s.merge(model)
     assert (logits(model, b) - ref).abs().max() <= 1e-5
 

@@ -50,21 +50,11 @@ def tiny_config(vocab_size: int) -> PmodConfig:
         text=TextConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=6,
                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5,
                         bos_token_id=1, eos_token_id=2, pad_token_id=0),
-        vision=VisionConfig(clip=dict(hidden_size=96, intermediate_size=192, num_hidden_layers=4, num_attention_heads=4,
-                                      image_size=64, patch_size=4, hidden_act="gelu"), select_layer=-1),
+        vision=VisionConfig(clip={"hidden_size": 96, "intermediate_size": 192, "num_hidden_layers": 4, "num_attention_heads": 4,
+                                      "image_size": 64, "patch_size": 4, "hidden_act": "gelu"}, select_layer=-1),
         mod=ModConfig(schedule="none"), projector_type="mlp2x_gelu", image_aspect_ratio="square",
         model_max_length=512, conv_template="chat_nosys",
     )
-
-
-def sincos_2d(grid: int, dim: int) -> torch.Tensor:
-    """[grid*grid, dim] fixed 2-D sine-cosine position code (MAE's), row-major like the patches: half the
-    channels encode the row, half the column, each at dim/4 geometric frequencies."""
-    q = dim // 4
-    omega = 1.0 / 10000 ** (torch.arange(q, dtype=torch.float64) / q)  # [q]
-    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij")
-    code = lambda pos: torch.cat([torch.sin(pos.reshape(-1, 1) * omega), torch.cos(pos.reshape(-1, 1) * omega)], 1)  # noqa: E731
-    return torch.cat([code(ys), code(xs)], 1).float()
 
 
 def _launch(cfg: TrainConfig, work: Path, name: str, procs: int) -> subprocess.Popen:
@@ -79,7 +69,8 @@ def _launch(cfg: TrainConfig, work: Path, name: str, procs: int) -> subprocess.P
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(TWO_PROCS), "--num_processes",
                str(procs), "--main_process_port", str(port), *cmd[1:]]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(work / f"{name}.log", "w"), stderr=subprocess.STDOUT)
+    with open(work / f"{name}.log", "w") as log:  # the child holds its own descriptor
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
 def _finished(cfg: TrainConfig) -> bool:
