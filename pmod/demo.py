@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-__all__ = ["ASSETS", "evaluate", "routing_focus", "run", "add_parser"]
+__all__ = ["ASSETS", "evaluate", "caption_accuracy", "routing_focus", "run", "add_parser"]
 
 ASSETS = Path(__file__).parent / "assets"
 PMOD_CKPT, DENSE_CKPT = ASSETS / "tiny-synth-pmod", ASSETS / "tiny-synth-dense"
@@ -109,6 +109,30 @@ def dataset_focus(model, processor, records: list[dict], root: Path) -> dict:
     return {"object_coverage": float(np.mean(cover)), "kept_on_objects": {k: float(np.mean(s)) for k, s in sorted(shares.items())}}
 
 
+def caption_accuracy(model, processor, records: list[dict], root: Path, batch_size: int = 32,
+                     max_new_tokens: int = 48, desc: str = "") -> dict[str, float]:
+    """Scene descriptions (the stage-1 task): greedy captions of each record's image, scored per object on
+    size, colour and shape at its cell, and per image on the number of objects named."""
+    from pmod.synthetic import CELLS, DESCRIBE, parse_caption
+
+    hits = {"size": 0, "color": 0, "shape": 0, "count": 0}
+    n_obj = 0
+    for i in tqdm(range(0, len(records), batch_size), desc=desc or "describing", unit="batch", leave=False):
+        batch = records[i : i + batch_size]
+        inputs = processor([DESCRIBE] * len(batch), images=[[root / r["image"]] for r in batch])
+        texts = processor.batch_decode(model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False))
+        for r, text in zip(batch, texts):
+            said = parse_caption(text)
+            hits["count"] += len(said) == len(r["objects"])
+            for o in r["objects"]:
+                size, color, shape = said.get(CELLS[o["cell"]], (None, None, None))
+                n_obj += 1
+                hits["size"] += size == o["size"]
+                hits["color"] += color == o["color"]
+                hits["shape"] += shape == o["shape"]
+    return {k: v / (len(records) if k == "count" else max(n_obj, 1)) for k, v in hits.items()}
+
+
 def _table(results: list[EvalResult]) -> str:
     types = sorted(results[0].per_type)
     head = "| model | accuracy | " + " | ".join(types) + " | prefill TFLOPs | vs dense | KV KiB | vs dense | wall s |"
@@ -156,6 +180,15 @@ def run(args) -> int:
     print(f"p-MoD reaches {100 * rel:.1f} % of dense accuracy at {100 * results[0].tflops / results[0].tflops_dense:.1f} % "
           f"of its prefill FLOPs and {100 * results[0].kv_bytes / results[0].kv_bytes_dense:.1f} % of its KV cache.")
 
+    captions = {}
+    if args.captions:
+        for name, m, pr in (("p-MoD", pm, proc), ("dense", dense, dproc)):
+            captions[name] = caption_accuracy(m, pr, test[: args.captions], data, desc=f"{name} descriptions")
+        print(f"\nScene descriptions (\"Describe the objects.\", the stage-1 task) of {args.captions} test images, per "
+              "object at its cell (per image for the count):")
+        for name, c in captions.items():
+            print(f"  {name}: " + ", ".join(f"{k} {100 * v:.0f} %" for k, v in c.items()))
+
     png = out_dir / "routing_map.png"
     sample = next(r for r in test if len(r["objects"]) >= 2)
     one = routing_focus(pm, proc, sample, data, png)
@@ -166,12 +199,13 @@ def run(args) -> int:
     print(f"Objects cover {100 * many['object_coverage']:.1f} % of the patches; in the deeper MoD layers {deep} "
           f"{100 * deep_share:.1f} % of the kept vision tokens lie on objects (over {args.focus_samples} test images); "
           "per MoD layer: " + ", ".join(f"{k}: {100 * v:.1f} %" for k, v in many["kept_on_objects"].items())
-          + f". (The last layer's router never gets a gradient: nothing reads vision tokens after it.)")
+          + ". (The last layer's router never gets a gradient: nothing reads vision tokens after it.)")
     summary = {
         "accuracy": {r.name: r.accuracy for r in results}, "per_type": {r.name: r.per_type for r in results},
         "relative_accuracy": rel, "flops_ratio": results[0].tflops / results[0].tflops_dense,
         "kv_ratio": results[0].kv_bytes / results[0].kv_bytes_dense, "wall_s": {r.name: r.seconds for r in results},
         "object_coverage": many["object_coverage"], "kept_on_objects": many["kept_on_objects"], "sample": one,
+        "captions": captions,
     }
     (out_dir / "demo.json").write_text(json.dumps(summary, indent=2))
     (out_dir / "demo.md").write_text(table + "\n")
@@ -188,6 +222,7 @@ def add_parser(sub) -> None:
     p.add_argument("--fresh", type=int, default=6, help="freshly generated images to answer questions about")
     p.add_argument("--seed", type=int, default=int(time.time()) % 100_000, help="seed of the fresh images")
     p.add_argument("--focus-samples", type=int, default=100)
+    p.add_argument("--captions", type=int, default=96, help="test images to describe and score (0: skip)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids oversubscription on small shared CPUs)")
     p.set_defaults(fn=run)
 

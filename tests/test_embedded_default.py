@@ -26,10 +26,13 @@ def test_shipped_checkpoints_are_a_pmod_model_and_its_dense_twin():
 
 def test_demo_on_the_shipped_checkpoints(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--output", str(out), "--n-test", "24", "--fresh", "2", "--focus-samples", "4", "--seed", "5"]) == 0
+    assert main(["demo", "--output", str(out), "--n-test", "24", "--fresh", "2", "--focus-samples", "4", "--seed", "5",
+                 "--captions", "8"]) == 0
     summary = json.loads((out / "demo.json").read_text())
     assert set(summary["accuracy"]) == {"p-MoD", "dense"}
     assert summary["flops_ratio"] < 0.6 and summary["kv_ratio"] < 0.75
+    for scores in summary["captions"].values():  # the shipped models describe scenes well above chance
+        assert set(scores) == {"size", "color", "shape", "count"} and scores["count"] > 0.5 and scores["color"] > 0.5
     assert (out / "routing_map.png").stat().st_size > 0 and (out / "demo.md").exists()
     text = capsys.readouterr().out
     assert "p-MoD reaches" in text and "Routing map saved" in text

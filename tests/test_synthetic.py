@@ -6,7 +6,18 @@ import json
 
 import numpy as np
 
-from pmod.synthetic import CELLS, COLORS, DESCRIBE, QUESTION_TYPES, SHAPES, object_patch_mask, write_split
+from pmod.synthetic import (
+    CELLS,
+    COLORS,
+    DESCRIBE,
+    QUESTION_TYPES,
+    SHAPES,
+    describe,
+    make_scene,
+    object_patch_mask,
+    parse_caption,
+    write_split,
+)
 
 
 def test_deterministic_and_both_formats(tmp_path):
@@ -62,7 +73,7 @@ def test_captions_name_every_object_and_stay_out_of_the_questions(tmp_path):
         assert cap["conversations"][0]["value"] == "<image>\n" + DESCRIBE
         assert all(t["value"] != DESCRIBE for t in conv["conversations"])  # questions only, image in the first turn
         assert conv["conversations"][0]["value"].startswith("<image>\n") and len(conv["conversations"]) == 6
-        objs = [r for r in recs if r["image"] == conv["image"]][0]["objects"]
+        objs = next(r for r in recs if r["image"] == conv["image"])["objects"]
         said = [s.strip() for s in cap["conversations"][1]["value"].split(".") if s.strip()]
         want = [f"{CELLS[o['cell']]} {o['size']} {o['color']} {o['shape']}" for o in sorted(objs, key=lambda o: o["cell"])]
         assert said == want
@@ -70,3 +81,23 @@ def test_captions_name_every_object_and_stay_out_of_the_questions(tmp_path):
     plain = write_split(tmp_path / "plain", "train", 12, rounds=3)
     assert plain == recs
     assert (tmp_path / "plain" / "images" / "train_000004.png").read_bytes() == (tmp_path / "images" / "train_000004.png").read_bytes()
+
+
+def test_parse_caption_inverts_describe_and_skips_malformed_parts():
+    for seed in range(20):
+        scene = make_scene(np.random.default_rng(seed))
+        want = {CELLS[o.cell]: (o.size, o.color, o.shape) for o in scene.objects}
+        assert parse_caption(describe(scene)) == want
+    assert parse_caption("top left large red circle. middle small blue cross. top right red. ") == {
+        "top left": ("large", "red", "circle")}
+
+
+def test_caption_last_ends_each_question_conversation_with_the_description(tmp_path):
+    recs = write_split(tmp_path, "train", 6, rounds=2, caption_last=True)
+    convs = json.loads((tmp_path / "train.json").read_text())
+    for conv in convs:
+        turns = conv["conversations"]
+        assert len(turns) == 6 and turns[-2]["value"] == DESCRIBE and turns[0]["value"].startswith("<image>\n")
+        objs = next(r for r in recs if r["image"] == conv["image"])["objects"]
+        assert parse_caption(turns[-1]["value"]) == {CELLS[o["cell"]]: (o["size"], o["color"], o["shape"]) for o in objs}
+    assert recs == write_split(tmp_path / "plain", "train", 6, rounds=2)  # the questions do not change
