@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from pmod import bench
+from pmod.bench import calls as bench_calls
 from pmod.flops import count_flops, kv_cache_bytes
 
 ON_CUDA = torch.cuda.is_available()
@@ -125,10 +126,10 @@ def test_replicate_and_rewind_are_exact():
         pm = bench.with_routers(dense, bench.schedules(preset)["prd"], preset.router_std)
         out = bench.prefill(pm, bench.make_prompt(pm.config, [1], 8, "cpu"), reserve=4)
         c3 = bench.replicate_rows(out.past_key_values, 3)
-        snap = bench._snapshot(c3)
+        snap = bench_calls._snapshot(c3)
         kv3 = c3.nbytes()
         first = bench.decode_loop(pm, c3, out.logits.expand(3, -1), 4)
-        bench._rewind(c3, snap)
+        bench_calls._rewind(c3, snap)
         again = bench.decode_loop(pm, c3, out.logits.expand(3, -1), 4)
     assert out.past_key_values.batch_size == 1 and kv3 == 3 * out.past_key_values.nbytes()
     assert torch.equal(first, again) and len(set(first.tolist())) == 1
