@@ -112,6 +112,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4, help="questions per image in a stage-2 conversation")
     ap.add_argument("--n-train", type=int, default=8000)
     ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--finetune-lr", type=float, default=None, help="stage 2 rate (default: half of --lr)")
     ap.add_argument("--router-lr", type=float, default=1e-4, help="MoD routers (Adam at --lr saturates TanhNorm)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-install", action="store_true", help="leave pmod/assets untouched")
@@ -151,7 +152,7 @@ def main() -> None:
 
     runs = {}
     for name, schedule in (("dense", "none"), ("pmod", "shiftedcos")):
-        cfg = base.replace(model=str(work / "align"), data=str(mixture), learning_rate=args.lr / 2, per_device_batch_size=args.batch_size,
+        cfg = base.replace(model=str(work / "align"), data=str(mixture), learning_rate=args.finetune_lr or args.lr / 2, per_device_batch_size=args.batch_size,
                            max_steps=args.steps, save_steps=max(args.steps // 2, 1), output=str(work / name),
                            mod={"schedule": schedule}, router_lr=args.router_lr if schedule != "none" else None)
         runs[name] = (_launch(cfg, work, name, procs=1), cfg)
