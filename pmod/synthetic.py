@@ -155,14 +155,12 @@ def parse_caption(text: str) -> dict[str, tuple[str, str, str]]:
 
 
 def write_split(root: str | Path, split: str, n: int, image_size: int = 64, seed: int | None = None,
-                rounds: int = 1, caption: bool = False, caption_last: bool = False) -> list[dict]:
+                rounds: int = 1, caption: bool = False) -> list[dict]:
     """Write `n` images of `split` under `root`, each with `rounds` questions (types cycled, so a
     multi-round conversation asks about the same image several ways); returns one flat record per
     question. With `caption`, also `{split}_captions.json`: one DESCRIBE -> caption conversation per
     image (LLaVA's stage-1 alignment data; kept out of the question conversations, where a caption
-    in context would let the model answer from the text instead of the image). With `caption_last`, each
-    question conversation also ends with a DESCRIBE turn: after the questions, it cannot answer them
-    (causal attention), and the image's caption costs no extra pass over its vision tokens. Deterministic in
+    in context would let the model answer from the text instead of the image). Deterministic in
     (split, n, seed, rounds); images do not depend on `caption`."""
     root = Path(root)
     (root / "images").mkdir(parents=True, exist_ok=True)
@@ -183,8 +181,6 @@ def write_split(root: str | Path, split: str, n: int, image_size: int = 64, seed
             records.append({"id": rid, "image": name, "question": question, "answer": answer, "type": qtype,
                             "objects": [asdict(o) for o in scene.objects]})
             turns += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
-        if turns and caption_last:
-            turns += [{"from": "human", "value": DESCRIBE}, {"from": "gpt", "value": describe(scene)}]
         if turns:
             turns[0]["value"] = "<image>\n" + turns[0]["value"]
             convs.append({"id": f"{split}_{i:06d}", "image": name, "conversations": turns})

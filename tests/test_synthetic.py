@@ -90,14 +90,3 @@ def test_parse_caption_inverts_describe_and_skips_malformed_parts():
         assert parse_caption(describe(scene)) == want
     assert parse_caption("top left large red circle. middle small blue cross. top right red. ") == {
         "top left": ("large", "red", "circle")}
-
-
-def test_caption_last_ends_each_question_conversation_with_the_description(tmp_path):
-    recs = write_split(tmp_path, "train", 6, rounds=2, caption_last=True)
-    convs = json.loads((tmp_path / "train.json").read_text())
-    for conv in convs:
-        turns = conv["conversations"]
-        assert len(turns) == 6 and turns[-2]["value"] == DESCRIBE and turns[0]["value"].startswith("<image>\n")
-        objs = next(r for r in recs if r["image"] == conv["image"])["objects"]
-        assert parse_caption(turns[-1]["value"]) == {CELLS[o["cell"]]: (o["size"], o["color"], o["shape"]) for o in objs}
-    assert recs == write_split(tmp_path / "plain", "train", 6, rounds=2)  # the questions do not change

@@ -50,8 +50,9 @@ def tiny_config(vocab_size: int) -> PmodConfig:
         text=TextConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=6,
                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5,
                         bos_token_id=1, eos_token_id=2, pad_token_id=0),
-        vision=VisionConfig(clip={"hidden_size": 96, "intermediate_size": 192, "num_hidden_layers": 4, "num_attention_heads": 4,
-                                      "image_size": 64, "patch_size": 4, "hidden_act": "gelu"}, select_layer=-1),
+        vision=VisionConfig(clip={"hidden_size": 96, "intermediate_size": 192, "num_hidden_layers": 4,
+                                  "num_attention_heads": 4, "image_size": 64, "patch_size": 4, "hidden_act": "gelu"},
+                            select_layer=-1),
         mod=ModConfig(schedule="none"), projector_type="mlp2x_gelu", image_aspect_ratio="square",
         model_max_length=512, conv_template="chat_nosys",
     )
