@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 __all__ = ["COLORS", "SHAPES", "CELLS", "DESCRIBE", "QUESTION_TYPES", "Scene", "make_scene", "render", "make_sample", "write_split", "write_dataset",
-           "object_patch_mask", "train_tokenizer", "corpus", "describe", "parse_caption"]
+           "object_patch_mask", "patch_labels", "train_tokenizer", "corpus", "describe", "parse_caption"]
 
 COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 230), "yellow": (235, 215, 40),
           "purple": (150, 60, 200), "orange": (245, 140, 30)}
@@ -82,9 +82,9 @@ def render(scene: Scene) -> Image.Image:
     return img
 
 
-def _draw(d: ImageDraw.ImageDraw, o: Obj) -> None:
+def _draw(d: ImageDraw.ImageDraw, o: Obj, fill=None) -> None:
     x0, y0, x1, y1 = o.box
-    c = COLORS[o.color]
+    c = COLORS[o.color] if fill is None else fill
     if o.shape == "circle":
         d.ellipse(o.box, fill=c)
     elif o.shape == "square":
@@ -211,6 +211,23 @@ def object_patch_mask(objects: list[dict], image_size: int, patch: int) -> np.nd
         x0, y0, x1, y1 = o["box"]
         mask[y0 // patch : math.ceil((y1 + 1) / patch), x0 // patch : math.ceil((x1 + 1) / patch)] = True
     return mask.reshape(-1)
+
+
+def patch_labels(objects: list[dict], image_size: int, patch: int, min_cover: float = 0.25) -> dict[str, np.ndarray]:
+    """Per patch (row-major, as the vision tokens), what it shows: {"shape", "color", "size"} -> [(S/p)^2] int64,
+    0 for background, else 1 + the index in SHAPES / COLORS / ("small", "large"). A patch belongs to the object
+    drawing at least `min_cover` of its pixels (objects sit in distinct cells and never overlap)."""
+    g = image_size // patch
+    out = {k: np.zeros(g * g, dtype=np.int64) for k in ("shape", "color", "size")}
+    for o in objects:
+        mask = Image.new("L", (image_size, image_size), 0)
+        _draw(ImageDraw.Draw(mask), Obj(**{**o, "box": tuple(o["box"])}), fill=255)
+        cover = (np.asarray(mask) > 0).reshape(g, patch, g, patch).mean(axis=(1, 3)).reshape(-1)
+        on = cover >= min_cover
+        out["shape"][on] = 1 + SHAPES.index(o["shape"])
+        out["color"][on] = 1 + list(COLORS).index(o["color"])
+        out["size"][on] = 1 + ("small", "large").index(o["size"])
+    return out
 
 
 def train_tokenizer(texts: list[str], folder: str | Path | None = None):

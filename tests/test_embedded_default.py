@@ -39,9 +39,9 @@ def test_demo_on_the_shipped_checkpoints(tmp_path, capsys):
 
 
 def test_training_script_end_to_end(tmp_path):
-    """Both stages at a few steps: two gloo processes, then dense and p-MoD side by side from stage 1."""
+    """All stages at a few steps: the ViT on patch labels, two gloo processes, then dense and p-MoD side by side."""
     cmd = [sys.executable, str(REPO / "train" / "embedded_default.py"), "--work", str(tmp_path), "--align-steps", "2",
-           "--steps", "2", "--n-train", "24", "--no-install"]
+           "--steps", "2", "--n-train", "24", "--vision-steps", "3", "--no-install"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO, check=False)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     for name, schedule in (("dense", "none"), ("pmod", "shiftedcos")):
@@ -51,3 +51,9 @@ def test_training_script_end_to_end(tmp_path):
         assert log[-1]["step"] == 2
     assert "2 process(es)" in (tmp_path / "align.log").read_text()
     assert "router_lr: 0.0001" in (tmp_path / "pmod.yaml").read_text()
+    # stage 0 changed the tower (only), and stage 1 started from it
+    init, vit = (pmod.from_pretrained(tmp_path / d, dtype=torch.float32).state_dict() for d in ("init", "vit-3-0.003"))
+    assert init.keys() == vit.keys()
+    changed = {k.split(".")[0] for k in init if not torch.equal(init[k], vit[k])}
+    assert changed == {"vision_tower"}
+    assert f"model: {tmp_path / 'vit-3-0.003'}" in (tmp_path / "align.yaml").read_text()

@@ -16,6 +16,7 @@ from pmod.synthetic import (
     make_scene,
     object_patch_mask,
     parse_caption,
+    patch_labels,
     write_split,
 )
 
@@ -90,3 +91,24 @@ def test_parse_caption_inverts_describe_and_skips_malformed_parts():
         assert parse_caption(describe(scene)) == want
     assert parse_caption("top left large red circle. middle small blue cross. top right red. ") == {
         "top left": ("large", "red", "circle")}
+
+
+def test_patch_labels_mark_the_pixels_each_object_draws():
+    from dataclasses import asdict
+
+    for seed in range(10):
+        scene = make_scene(np.random.default_rng(seed))
+        objs = [asdict(o) for o in scene.objects]
+        lab = patch_labels(objs, 64, 4)
+        assert set(lab) == {"shape", "color", "size"} and all(v.shape == (256,) for v in lab.values())
+        on = lab["shape"] > 0
+        assert np.array_equal(on, lab["color"] > 0) and np.array_equal(on, lab["size"] > 0)
+        assert not (on & ~object_patch_mask(objs, 64, 4)).any()  # only inside the boxes
+        for o in objs:  # each object labels its own patches with its own attributes
+            own = object_patch_mask([o], 64, 4) & on
+            assert own.sum() >= 4
+            assert set(lab["shape"][own]) == {1 + SHAPES.index(o["shape"])}
+            assert set(lab["color"][own]) == {1 + list(COLORS).index(o["color"])}
+    # a square fills its box: every patch fully inside is labelled, min_cover=1 keeps only those
+    sq = {"shape": "square", "color": "red", "size": "large", "cell": 0, "box": (4, 4, 19, 19)}
+    assert patch_labels([sq], 64, 4, min_cover=1.0)["shape"].reshape(16, 16)[1:5, 1:5].all()
