@@ -47,6 +47,9 @@ def evaluate(model, processor, records: list[dict], root: Path, batch_size: int 
     """Greedy answers to every record, exact match after normalising; efficiency measured per batch."""
     from pmod.report import measure_efficiency
 
+    if not records:
+        raise ValueError("evaluate: no records to answer")
+
     answers, kv, kv_dense, fl, fl_dense = [], 0.0, 0.0, 0.0, 0.0
     t0 = time.perf_counter()
     for i in tqdm(range(0, len(records), batch_size), desc=desc or "evaluating", unit="batch", leave=False):
@@ -150,6 +153,8 @@ def run(args) -> int:
     import pmod
     from pmod.synthetic import write_split
 
+    if args.n_test < 1 or args.fresh < 0 or args.captions < 0:
+        raise ValueError(f"pmod demo: need --n-test >= 1, --fresh >= 0, --captions >= 0 (got {args.n_test}, {args.fresh}, {args.captions})")
     torch.set_num_threads(max(1, args.threads))
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -163,12 +168,13 @@ def run(args) -> int:
     print(f"p-MoD tiny model: {sum(p.numel() for p in pm.parameters()) / 1e6:.2f} M parameters, "
           f"{pm.config.vision.num_patches} vision tokens per image, MoD layers {sorted(pm.config.mod_ratios)}\n")
     data = out_dir / "data"
-    fresh = write_split(out_dir / "fresh", "test", args.fresh, size, seed=args.seed)  # new images, never seen in training
-    print(f"Fresh images (seed {args.seed}) in {out_dir / 'fresh'}:")
-    res = evaluate(pm, proc, fresh, out_dir / "fresh", desc="fresh questions")
-    for r, a in zip(fresh, res.answers):
-        mark = "✓" if normalize(a) == normalize(r["answer"]) else "✗"
-        print(f"  {mark} {r['image']}: {r['question']}  →  {a!r} (truth: {r['answer']!r})")
+    if args.fresh > 0:
+        fresh = write_split(out_dir / "fresh", "test", args.fresh, size, seed=args.seed)  # new images, never seen in training
+        print(f"Fresh images (seed {args.seed}) in {out_dir / 'fresh'}:")
+        res = evaluate(pm, proc, fresh, out_dir / "fresh", desc="fresh questions")
+        for r, a in zip(fresh, res.answers):
+            mark = "✓" if normalize(a) == normalize(r["answer"]) else "✗"
+            print(f"  {mark} {r['image']}: {r['question']}  →  {a!r} (truth: {r['answer']!r})")
 
     test = write_split(data, "test", args.n_test, size)  # the fixed test split
     results = [evaluate(pm, proc, test, data, desc="p-MoD"), evaluate(dense, dproc, test, data, desc="dense")]
