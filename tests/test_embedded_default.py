@@ -57,3 +57,8 @@ def test_training_script_end_to_end(tmp_path):
     changed = {k.split(".")[0] for k in init if not torch.equal(init[k], vit[k])}
     assert changed == {"vision_tower"}
     assert f"model: {tmp_path / 'vit-3-0.003'}" in (tmp_path / "align.yaml").read_text()
+
+
+def test_demo_rejects_bad_counts(tmp_path, capsys):
+    assert main(["demo", "--output", str(tmp_path), "--n-test", "0"]) != 0
+    assert "--n-test >= 1" in capsys.readouterr().err
