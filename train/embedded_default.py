@@ -115,6 +115,8 @@ def main() -> None:
     ap.add_argument("--align-steps", type=int, default=1200, help="stage 1 steps (captions, dense, 2 processes)")
     ap.add_argument("--steps", type=int, default=560, help="stage 2 steps of each model (side by side)")
     ap.add_argument("--batch-size", type=int, default=16, help="images per step (stage 1: split over the 2 processes)")
+    ap.add_argument("--stage2-data", choices=("mixture", "questions"), default="mixture",
+                    help="stage 2 on captions + questions, or questions only (learns look-ups, forgets captions)")
     ap.add_argument("--rounds", type=int, default=4, help="questions per image in a stage-2 conversation")
     ap.add_argument("--n-train", type=int, default=8000)
     ap.add_argument("--lr", type=float, default=1e-3, help="stage 1 rate (2e-3 keeps the decoder from learning look-ups)")
@@ -176,7 +178,7 @@ def main() -> None:
 
     runs = {}
     for name, schedule in (("dense", "none"), ("pmod", "shiftedcos")):
-        cfg = base.replace(model=str(work / "align"), data=str(mixture), learning_rate=args.finetune_lr or args.lr / 2, per_device_batch_size=args.batch_size,
+        cfg = base.replace(model=str(work / "align"), data=str(mixture if args.stage2_data == "mixture" else data / "train.json"), learning_rate=args.finetune_lr or args.lr / 2, per_device_batch_size=args.batch_size,
                            max_steps=args.steps, save_steps=max(args.steps // 2, 1), output=str(work / name),
                            mod={"schedule": schedule}, router_lr=args.router_lr if schedule != "none" else None)
         runs[name] = (_launch(cfg, work, name, procs=1), cfg)
