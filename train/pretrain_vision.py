@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -50,8 +51,8 @@ def pretrain_vision(model: PmodForConditionalGeneration, pixels: torch.Tensor, l
     heads = torch.nn.ModuleDict({k: torch.nn.Linear(width, n) for k, n in HEADS.items()})
     params = [*tower.parameters(), *heads.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(steps // 20, 1))
-                                              * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * s / steps)).item()))
+    warm = max(steps // 20, 1)  # linear warm-up, then cosine to 0
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * s / steps)))
     gen = torch.Generator().manual_seed(seed)
     losses, hits = [], {k: [] for k in HEADS}
     tower.train()
