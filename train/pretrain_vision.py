@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from tqdm import tqdm
 
 from pmod import PmodForConditionalGeneration, load_processor
 from pmod.synthetic import COLORS, SHAPES, patch_labels
+from pmod.training.schedule import build_scheduler
 
 HEADS = {"shape": 1 + len(SHAPES), "color": 1 + len(COLORS), "size": 3}  # classes, background = 0
 
@@ -51,8 +51,7 @@ def pretrain_vision(model: PmodForConditionalGeneration, pixels: torch.Tensor, l
     heads = torch.nn.ModuleDict({k: torch.nn.Linear(width, n) for k, n in HEADS.items()})
     params = [*tower.parameters(), *heads.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    warm = max(steps // 20, 1)  # linear warm-up, then cosine to 0
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    sched = build_scheduler(opt, "cosine", steps, warmup_ratio=0.05)  # the training loop's warm-up + cosine
     gen = torch.Generator().manual_seed(seed)
     losses, hits = [], {k: [] for k in HEADS}
     tower.train()
