@@ -3,7 +3,8 @@
 #
 #   1. pmod bench --device cuda --preset gpu-7b   (Vicuna-7B shapes, bf16, random weights built on the GPU;
 #      576 and 2880 vision tokens; decode at batch 1 and 8; vs transformers; packed vs padded)  ~3-5 min
-#   2. pytest -m gpu (GPU-marked tests), tests/test_kernels.py (Triton kernels run on CUDA there),
+#   2. python -m kernels.bench (Triton vs PyTorch reference, 7B row width)                        ~10 s
+#   3. pytest -m gpu (GPU-marked tests), tests/test_kernels.py (Triton kernels run on CUDA there),
 #      and pytest -m flash when flash_attn imports (else a message saying it was skipped)         ~1-2 min
 #
 # Everything lands in $OUT (default ./out/gpu): bench/results.{json,md}, bench/speedup.png, *.log, env.txt,
@@ -38,12 +39,16 @@ cat "$OUT/env.txt"
 "$PY" -c "import pmod, pmod_kernels" || { summary "FAIL: pmod does not import"; exit 1; }
 
 # --- 1. the benchmark ---------------------------------------------------------------------------------
-timeout 360 "$PY" -m pmod.bench --device cuda --preset gpu-7b --output "$OUT/bench" ${QUICK:+--quick} \
+PYTHONUNBUFFERED=1 timeout 300 "$PY" -m pmod.bench --device cuda --preset gpu-7b --output "$OUT/bench" ${QUICK:+--quick} \
   2>&1 | tee "$OUT/bench.log"
 rc=${PIPESTATUS[0]}
 summary "bench: exit $rc ($(( $(date +%s) - START )) s elapsed); last line: $(tail -n 1 "$OUT/bench.log")"
 
-# --- 2. device tests ----------------------------------------------------------------------------------
+# --- 2. the kernels alone: Triton vs the PyTorch reference at a 7B row width ---------------------------
+timeout 90 "$PY" -m kernels.bench --device cuda >"$OUT/kernels.txt" 2>&1
+summary "kernels bench: exit $? — $(tail -n 1 "$OUT/kernels.txt" | cut -c1-400)"
+
+# --- 3. device tests ----------------------------------------------------------------------------------
 if "$PY" -c "import pytest" 2>/dev/null; then
   run_tests() {  # name, timeout, pytest args...
     local name=$1 limit=$2; shift 2
