@@ -3,7 +3,7 @@
 #
 #   1. pmod bench --device cuda --preset gpu-7b   (Vicuna-7B shapes, bf16, random weights built on the GPU;
 #      576 and 2880 vision tokens; decode at batch 1 and 8; vs transformers; packed vs padded)  ~3-5 min
-#   2. python -m kernels.bench (Triton vs PyTorch reference, 7B row width)                        ~10 s
+#   2. python -m kernels.bench (Triton vs PyTorch reference, 7B row width), eval/sdpa_shape_cost.py ~20 s
 #   3. pytest -m gpu (GPU-marked tests), tests/test_kernels.py (Triton kernels run on CUDA there),
 #      and pytest -m flash when flash_attn imports (else a message saying it was skipped)         ~1-2 min
 #
@@ -47,6 +47,9 @@ summary "bench: exit $rc ($(( $(date +%s) - START )) s elapsed); last line: $(ta
 # --- 2. the kernels alone: Triton vs the PyTorch reference at a 7B row width ---------------------------
 timeout 90 "$PY" -m kernels.bench --device cuda >"$OUT/kernels.txt" 2>&1
 summary "kernels bench: exit $? — $(tail -n 1 "$OUT/kernels.txt" | cut -c1-400)"
+
+timeout 60 "$PY" eval/sdpa_shape_cost.py >"$OUT/sdpa_shape_cost.txt" 2>&1
+summary "sdpa shape cost: exit $? — $(grep -c ms/call "$OUT/sdpa_shape_cost.txt") lines"
 
 # --- 3. device tests ----------------------------------------------------------------------------------
 if "$PY" -c "import pytest" 2>/dev/null; then

@@ -2,7 +2,8 @@
 
 Installed under the import name `pmod_kernels` (the folder is `kernels/`; `kernels` on PyPI is Hugging Face's kernel
 hub, which transformers probes for). Every public function takes `backend`:
-  None      pick once from the inputs: "triton" for CUDA tensors when triton is importable, else "torch";
+  None      pick once from the inputs: "triton" for CUDA tensors when triton is importable, else "torch"
+            (gather_rows excepted: "torch" everywhere, where the Triton kernel measured slower);
   "torch"   the reference (`pmod_kernels.reference`): the exact ops of pmod/modeling/mod.py, autograd backward;
   "triton"  the Triton kernels with their hand-written backward (CPU tensors work under TRITON_INTERPRET=1).
 Legend: N packed tokens, C hidden size, Nv routed (vision) rows, Nk kept rows.
@@ -62,8 +63,13 @@ def router_weights(
 
 
 def gather_rows(x: torch.Tensor, idx: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
-    """x[idx], the kept tokens in the packed layout. x: [N, C]; idx: [Nk] long, unique. Returns [Nk, C], dtype of x."""
-    if pick_backend(x, backend) == "torch":
+    """x[idx], the kept tokens in the packed layout. x: [N, C]; idx: [Nk] long, unique. Returns [Nk, C], dtype of x.
+
+    Unlike the other two, this one defaults to the reference on CUDA as well: a plain row gather is what
+    `index_select` already does at copy speed, and the Triton kernel measured 3x slower (H200, bf16, 2704 x 4096
+    rows: 0.070 vs 0.021 ms forward, 0.44 vs 0.14 ms with backward; BENCHMARKS.md). backend="triton" still runs it.
+    """
+    if pick_backend(x, backend or "torch") == "torch":
         return reference.gather_rows(x, idx)
     from .triton_gather import GatherRows
 

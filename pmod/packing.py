@@ -40,12 +40,13 @@ class Varlen:
         cu[1:] = lens_t.cumsum(0)
         row = torch.repeat_interleave(torch.arange(len(lens)), lens_t, output_size=n)  # [N]
         slot = torch.arange(n) - cu[row]  # [N]
+        # Built on the host, copied without a stream sync: a blocking copy per MoD layer would drain the GPU queue.
         return cls(
             lens=list(lens),
-            cu_seqlens=cu.to(device=device, dtype=torch.int32),
+            cu_seqlens=cu.to(dtype=torch.int32).to(device, non_blocking=True),
             max_seqlen=max(lens, default=0),
-            row=row.to(device),
-            slot=slot.to(device),
+            row=row.to(device, non_blocking=True),
+            slot=slot.to(device, non_blocking=True),
         )
 
 
@@ -98,6 +99,13 @@ class Layout:
         out = packed.new_full((self.batch_size * self.merged_len, *packed.shape[1:]), fill)
         out = out.index_copy(0, self.out_index, packed)
         return out.view(self.batch_size, self.merged_len, *packed.shape[1:])
+
+    def text_keep(self) -> torch.Tensor:
+        """[N + 1] bool: True on text tokens, False on vision tokens and on a trailing sink slot (index N) that
+        routing scatters its unchosen slots into. The start of every MoD layer's keep mask; memoised."""
+        if "text_keep" not in self._plans:
+            self._plans["text_keep"] = torch.cat([~self.vision_mask, self.vision_mask.new_zeros(1)])
+        return self._plans["text_keep"]
 
     def merged_mask(self) -> torch.Tensor:
         """[B, M] bool, True on real tokens of the merged sequence (built once per layout)."""
@@ -200,7 +208,7 @@ def plan_route(layout: Layout, ratio: float) -> RoutePlan:
     return RoutePlan(
         ratio=ratio,
         k=k,
-        k_dev=torch.tensor(k, dtype=torch.long).to(dev),
+        k_dev=torch.tensor(k, dtype=torch.long).to(dev, non_blocking=True),
         k_max=max(k, default=0),
         varlen=Varlen.from_lens(lens, dev),
     )

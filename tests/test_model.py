@@ -1,6 +1,8 @@
 """Packed execution, batching, caching and gradients of the p-MoD model on tiny random configs."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from conftest import make_batch, tiny_config, tiny_model
@@ -221,3 +223,25 @@ def test_sequence_too_long():
     ids[0, 5] = pmod.IMAGE_TOKEN_INDEX
     with pytest.raises(ValueError, match="518 tokens long.*maximum of 512"):
         model(input_ids=ids, images=torch.zeros(1, 3, 42, 42))
+
+
+def test_sdpa_scope_leaves_cudnn_out_on_cuda_only(monkeypatch):
+    from pmod.attention import resolve_backend, sdpa
+
+    backend = resolve_backend("sdpa", "cpu")
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    with backend.scope("cuda"):  # flags only: no CUDA device needed to enter it
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before
+    with backend.scope("cpu"):
+        assert torch.backends.cuda.cudnn_sdp_enabled() == before
+    seen = []  # the model enters its backend's scope once per forward and once per decode step
+    monkeypatch.setattr(sdpa, "kernel_scope", lambda device: seen.append(torch.device(device).type) or contextlib.nullcontext())
+    model = tiny_model(layers=2)
+    model.attn_backend = "sdpa"
+    ids, mask, n = make_batch(ROWS[:1])
+    with torch.no_grad():
+        out = model(input_ids=ids, images=torch.randn(n, 3, 42, 42), attention_mask=mask, use_cache=True, logits_to_keep="last")
+        model.decode_step(out.logits.argmax(-1), out.past_key_values)
+    assert seen == ["cpu", "cpu"]

@@ -1,6 +1,7 @@
 """Name -> backend table, and the automatic choice (flash on CUDA when installed, else SDPA)."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 from dataclasses import dataclass
 from typing import Callable
@@ -21,6 +22,8 @@ class AttentionBackend:
     prefill: Callable
     decode: Callable
     heads_first_cache: bool = False
+    scope: Callable[[torch.device | str], contextlib.AbstractContextManager] = lambda device: contextlib.nullcontext()
+    """scope(device): a context the model enters once per forward / decode step (kernel choices of the backend)."""
 
 
 def flash_attn_available() -> bool:
@@ -35,7 +38,8 @@ def _flash() -> AttentionBackend:
 
 BACKENDS: dict[str, Callable[[], AttentionBackend]] = {
     "eager": lambda: AttentionBackend("eager", eager.prefill, eager.decode),
-    "sdpa": lambda: AttentionBackend("sdpa", sdpa.prefill, sdpa.decode, heads_first_cache=True),
+    "sdpa": lambda: AttentionBackend("sdpa", sdpa.prefill, sdpa.decode, heads_first_cache=True,
+                                     scope=sdpa.kernel_scope),
     "flash": _flash,
 }
 

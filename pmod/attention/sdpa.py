@@ -2,15 +2,32 @@
 
 Prefill runs each packed row as its own causal call: no block-diagonal [N, N] mask is ever built,
 and each call can take SDPA's flash / memory-efficient kernels (`is_causal=True`, no mask).
+
+On CUDA the model runs these calls inside `kernel_scope`, which leaves cuDNN attention out: PyTorch
+prefers it on Hopper, and it builds an execution plan for every new sequence length (57 ms a call for
+a new decode length, 75 ms for a new prefill length, vs 0.5 ms for the flash / memory-efficient
+kernels; H200, torch 2.11, BENCHMARKS.md). MoD layers meet a new length per layer and per decode step.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pmod.packing import Varlen
 
-__all__ = ["prefill", "decode"]
+__all__ = ["prefill", "decode", "kernel_scope", "CUDA_KERNELS"]
+
+CUDA_KERNELS = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
+
+
+def kernel_scope(device: torch.device | str) -> contextlib.AbstractContextManager:
+    """The SDPA kernels a forward on `device` may use: on CUDA, all but cuDNN (see above); elsewhere PyTorch's choice."""
+    if torch.device(device).type == "cuda":
+        return sdpa_kernel(list(CUDA_KERNELS))
+    return contextlib.nullcontext()
 
 
 def _heads_first(x: torch.Tensor) -> torch.Tensor:

@@ -93,5 +93,6 @@ def _rewind(cache: PmodCache, snap: tuple) -> None:
 def _decoder(model, x: torch.Tensor, layout) -> torch.Tensor:
     """Our decoder alone over packed x [N, C], no cache; route plans rebuilt as a fresh prefill would."""
     layout = dataclasses.replace(layout, _plans={})
-    ctx = AttnContext(resolve_backend(model.attn_backend, model.device), layout.varlen, None)
-    return model.language_model(x, layout, ctx, record=False)[0]
+    backend = resolve_backend(model.attn_backend, model.device)
+    with backend.scope(x.device):
+        return model.language_model(x, layout, AttnContext(backend, layout.varlen, None), record=False)[0]

@@ -55,7 +55,7 @@ PRESETS: dict[str, Preset] = {
     "gpu-7b": Preset(
         "gpu-7b", dict(_LLAMA, hidden_size=4096, intermediate_size=11008, num_attention_heads=32), torch.bfloat16,
         decode_steps=64, hf_new_tokens=65, batch_new_tokens=32, warmup=2, reps=5,
-        quick=dict(reps=3, sweep=(0.25,), decode_steps=16, hf_new_tokens=17),
+        quick=dict(reps=3, sweep=(0.25,), decode_steps=16, hf_new_tokens=17, batch_new_tokens=16),
     ),
     "tiny": Preset(  # the smoke test's shape: seconds, bookkeeping only
         "tiny", dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,

@@ -205,9 +205,10 @@ class PmodForConditionalGeneration(nn.Module):
         if use_cache:  # stored in the layout this backend's decode reads
             cache = PmodCache(self.config.text.num_hidden_layers, layout.batch_size, reserve=cache_reserve,
                               heads_first=backend.heads_first_cache)
-        h, routing = self.language_model(x, layout, AttnContext(backend, layout.varlen, cache), record=output_routing)
+        with backend.scope(x.device):
+            h, routing = self.language_model(x, layout, AttnContext(backend, layout.varlen, cache), record=output_routing)
         if cache is not None:
-            cache.positions = torch.tensor(layout.varlen.lens, dtype=torch.long).to(h.device)
+            cache.positions = torch.tensor(layout.varlen.lens, dtype=torch.long).to(h.device, non_blocking=True)
 
         loss = None
         if labels is not None:
@@ -243,7 +244,8 @@ class PmodForConditionalGeneration(nn.Module):
                              f"attention backend {backend.name!r} reads the other layout: prefill again with it")
         x = self.language_model.embed_tokens(token_ids.to(self.device))  # [B, C]
         ctx = AttnContext(backend, cache=cache, decode=True)
-        h = self.language_model.decode(x, cache.positions, ctx)
+        with backend.scope(x.device):
+            h = self.language_model.decode(x, cache.positions, ctx)
         cache.positions = cache.positions + 1
         return self.lm_head(h).float()
 

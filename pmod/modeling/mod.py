@@ -60,17 +60,15 @@ def mod_layer_forward(
         r_v = router(x.index_select(0, layout.vision_dest)).squeeze(-1)  # [Nv]
         r = r_v.new_zeros(B * V).index_copy(0, layout.vision_flat, r_v).view(B, V)  # [B, V]
         w = normalize_router_logits(r, layout.vision_valid, mod.norm, mod.norm_scale, mod.norm_bias)  # [B, V]
+        w_v = w.view(-1).index_select(0, layout.vision_flat).to(x.dtype)  # [Nv], in vision_dest order
     slots, chosen = select_top_k(w, layout.vision_valid, plan.k_dev, plan.k_max)  # [B, K]
     kept_vision = layout.vision_slots.gather(1, slots)  # [B, K] packed indices
 
     # Packed indices this layer processes: all text plus the chosen vision tokens, in sequence order.
-    keep = torch.cat([~layout.vision_mask, layout.vision_mask.new_zeros(1)])  # [N + 1], slot N is a sink
-    keep = keep.scatter(0, torch.where(chosen, kept_vision, N).flatten(), True)
+    keep = layout.text_keep().scatter(0, torch.where(chosen, kept_vision, N).flatten(), True)  # [N + 1], N: sink
     idx = torch.nonzero_static(keep[:N], size=plan.varlen.total).squeeze(1)  # [Nk], ascending
 
-    w_tok = torch.ones(N, dtype=x.dtype, device=x.device).index_copy(
-        0, layout.vision_dest, w.view(-1).index_select(0, layout.vision_flat).to(x.dtype)
-    )  # [N], w on vision tokens, 1 elsewhere
+    w_tok = torch.ones(N, dtype=x.dtype, device=x.device).index_copy(0, layout.vision_dest, w_v)  # [N], 1 on text
 
     h = gather_rows(x, idx)  # [Nk, C]
     sub = AttnContext(ctx.backend, plan.varlen, ctx.cache, decode=False)
