@@ -29,6 +29,8 @@ class PmodCache:
         self.lengths: list[list[int]] = [[0] * batch_size for _ in range(num_layers)]  # host
         self.seqlens: list[torch.Tensor | None] = [None] * num_layers  # [B] long, device of the layer
         self.positions: torch.Tensor | None = None  # [B] long: position id of the next token of each row
+        self.static = False  # see make_static
+        self._rows: torch.Tensor | None = None
 
     @property
     def slot_dim(self) -> int:
@@ -65,6 +67,8 @@ class PmodCache:
         if self.k[layer] is None:
             raise RuntimeError(f"PmodCache: layer {layer} was never prefilled; run a prefill before decoding")
         lens = self.lengths[layer]
+        if self.static:
+            return self._append_static(layer, k, v)
         lo, hi = min(lens), max(lens)
         need = hi + 1
         if need > self.k[layer].shape[self.slot_dim]:
@@ -82,6 +86,47 @@ class PmodCache:
         k_all, v_all = self.k[layer].narrow(self.slot_dim, 0, need), self.v[layer].narrow(self.slot_dim, 0, need)
         return k_all, v_all, self.seqlens[layer], lo == hi
 
+    # --- static mode (CUDA graphs) ---------------------------------------------------------------
+    def make_static(self, steps: int) -> None:
+        """Fix every tensor's address and shape for `steps` more decode steps (what a CUDA graph replays):
+        capacity for them now, slots addressed by the device lengths, lengths and positions advanced in
+        place, attention over the whole capacity with a length mask. Host lengths then follow through
+        `advance_host`, called once per replayed step."""
+        for i in range(self.num_layers):
+            if self.k[i] is None:
+                raise RuntimeError(f"PmodCache: layer {i} was never prefilled; run a prefill before decoding")
+            need = max(self.lengths[i]) + steps
+            if need > self.k[i].shape[self.slot_dim]:
+                self._grow(i, need)
+            self.seqlens[i] = self.seqlens[i].clone()  # owned: updated in place from now on
+        self.positions = self.positions.clone()
+        self._rows = torch.arange(self.batch_size, device=self.positions.device)
+        self.static = True
+
+    def steps_left(self) -> int:
+        """Decode steps that still fit the allocated capacity of every layer."""
+        return min(self.k[i].shape[self.slot_dim] - max(self.lengths[i]) for i in range(self.num_layers))
+
+    def advance_positions(self) -> None:
+        """After a decode step: the next token's position, in place in static mode (the captured tensor)."""
+        if self.static:
+            self.positions.add_(1)
+        else:
+            self.positions = self.positions + 1  # a new tensor: callers may hold the old one (bench rewinds)
+
+    def advance_host(self) -> None:
+        """Host lengths after a step that ran without Python (a CUDA graph replay)."""
+        self.lengths = [[n + 1 for n in row] for row in self.lengths]
+
+    def _append_static(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        kc, vc = self.slots(self.k[layer]), self.slots(self.v[layer])
+        rows = self._rows.to(k.device)
+        kc[rows, self.seqlens[layer]] = k  # device-side slot of each row: no host value baked into a graph
+        vc[rows, self.seqlens[layer]] = v
+        self.seqlens[layer].add_(1)
+        self.lengths[layer] = [n + 1 for n in self.lengths[layer]]
+        return self.k[layer], self.v[layer], self.seqlens[layer], False  # full capacity, masked by seqlens
+
     def _grow(self, layer: int, cap: int) -> None:
         for store in (self.k, self.v):
             old = store[layer]
@@ -92,6 +137,8 @@ class PmodCache:
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep only `rows` (e.g. to drop finished sequences from a batch)."""
+        if self.static:
+            raise RuntimeError("PmodCache.select_rows: this cache is static (a CUDA graph replays its tensors)")
         keep = rows.tolist()
         for i in range(self.num_layers):
             if self.k[i] is not None:

@@ -33,11 +33,14 @@ def generate(
     streamer: Callable[[torch.Tensor], None] | None = None,
     generator: torch.Generator | None = None,
     return_cache: bool = False,
+    cuda_graph: bool = False,
 ):
     """Returns new tokens [B, n_new] (pad_token_id after a row finishes); with `return_cache`, also the cache.
 
     A row finishes at an EOS token (default: the config's) or when its text ends with one of
     `stop_strings` (needs `tokenizer`). `streamer(tokens [B])` is called with each step's tokens.
+    `cuda_graph=True` (CUDA, SDPA or eager attention) replays each decode step from one captured graph
+    (`pmod.cudagraph.GraphedDecode`): the same tokens, without the per-kernel launch cost of the host.
     """
     cfg = model.config.text
     if max_new_tokens < 1:
@@ -61,6 +64,11 @@ def generate(
         eos_t = torch.tensor(eos, dtype=torch.long, device=logits.device)
         finished = torch.zeros(B, dtype=torch.bool, device=logits.device)
         steps: list[torch.Tensor] = []
+        graph = None
+        if cuda_graph and max_new_tokens > 1:
+            from pmod.cudagraph import GraphedDecode
+
+            graph = GraphedDecode(model, cache, max_new_tokens - 1)
         for step in range(max_new_tokens):
             chosen = choose(logits)  # [B]
             nxt = torch.where(finished, pad, chosen)  # finished rows show padding ...
@@ -72,7 +80,10 @@ def generate(
                 finished = finished | _hit_stop(torch.stack(steps, 1), tokenizer, stop_strings).to(finished.device)
             if step + 1 == max_new_tokens or bool(finished.all()):  # one host sync per step, to stop early
                 break
-            logits = model.decode_step(chosen, cache)  # ... but feed a real token (pad may be no vocab id)
+            # ... but feed a real token (pad may be no vocab id)
+            logits = graph.step(chosen) if graph is not None else model.decode_step(chosen, cache)
+        if graph is not None:
+            graph.close()
     tokens = torch.stack(steps, dim=1)
     return (tokens, cache) if return_cache else tokens
 

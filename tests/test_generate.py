@@ -98,3 +98,51 @@ def test_bad_generation_arguments():
         model.generate(input_ids=ids, images=pix, max_new_tokens=600)
     with pytest.raises(ValueError, match="stop_strings need a tokenizer"):
         model.generate(input_ids=ids, images=pix, stop_strings=["\n"])
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "eager"])
+def test_static_cache_decodes_like_the_dynamic_one(backend):
+    """The cache mode a CUDA graph replays (fixed capacity, device-side slots, length mask, in-place lengths)
+    gives the dynamic mode's logits step by step, on rows of unequal length through MoD layers."""
+    model = tiny_model(layers=6)
+    model.attn_backend = backend
+    ids, mask, n = make_batch(ROWS, side="left")
+    pix = torch.randn(n, 3, 42, 42, generator=torch.Generator().manual_seed(3))
+    caches, logits = [], []
+    with torch.inference_mode():
+        for _ in range(2):
+            out = model(input_ids=ids, images=pix, attention_mask=mask, use_cache=True, logits_to_keep="last")
+            caches.append(out.past_key_values)
+            logits.append(out.logits)
+        dynamic, static = caches
+        static.make_static(5)
+        assert static.steps_left() >= 5
+        tok = logits[0].argmax(-1)
+        for _ in range(5):
+            a, b = model.decode_step(tok, dynamic), model.decode_step(tok, static)
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+            tok = a.argmax(-1)
+    assert static.lengths == dynamic.lengths
+    assert all(torch.equal(s, d) for s, d in zip(static.seqlens, dynamic.seqlens))
+    assert torch.equal(static.positions, dynamic.positions)
+    with pytest.raises(RuntimeError, match="static"):
+        static.select_rows(torch.tensor([0]))
+
+
+def test_cuda_graph_needs_cuda():
+    model = tiny_model(layers=2)
+    ids, _, n = make_batch(ROWS[:1])
+    with pytest.raises(ValueError, match="CUDA"):
+        model.generate(input_ids=ids, images=torch.randn(n, 3, 42, 42), max_new_tokens=3, cuda_graph=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_generation_matches_eager():
+    model = tiny_model(layers=6).cuda()
+    ids, mask, n = make_batch(ROWS, side="left")
+    pix = torch.randn(n, 3, 42, 42, generator=torch.Generator().manual_seed(3)).cuda()
+    kw = dict(input_ids=ids.cuda(), images=pix, attention_mask=mask.cuda(), max_new_tokens=9, eos_token_id=[])
+    eager, (graphed, cache) = model.generate(**kw), model.generate(**kw, cuda_graph=True, return_cache=True)
+    assert torch.equal(eager, graphed)
+    assert not cache.static  # handed back dynamic: it can grow again

@@ -39,6 +39,10 @@ def evaluate_checks(res: dict) -> list[dict]:
             f"(GEMV + attention floor {h['floor_step_ms']:.2f} ms)")
         add("decode_overhead_vs_hf_generate", h["overhead_ratio"], "<= 0.6 (ours)", h["overhead_ratio"] <= 0.6,
             f"time above the floor: ours {h['ours_overhead_ms']:.2f} ms vs HF {h['hf_overhead_ms']:.2f} ms per step")
+        if "graph_step_ratio" in h:
+            add("decode_step_cuda_graph_vs_hf_generate", h["graph_step_ratio"], "<= 0.6", h["graph_step_ratio"] <= 0.6,
+                f"batch-1 decode step, ours with cuda_graph=True {h['ours_graph_step_ms']:.2f} ms vs HF generate "
+                f"{h['hf_step_ms']:.2f} ms; same tokens as without: {bool(h['graph_tokens_match'])}")
     if "batching" in res:
         b = res["batching"]
         add(f"batch{b['prompts']}_vs_one_by_one", b["speedup_median"], ">= 3.0", b["speedup_median"] >= 3.0,
@@ -119,7 +123,10 @@ def _md_hf_decode(h: dict) -> list[str]:
             (f"Floor (`floor_step`: each weight matrix times one token plus attention over the cache, nothing else): "
              f"{h['floor_step_ms']:.2f} ms. Above it: ours {h['ours_overhead_ms']:.2f} ms, HF {h['hf_overhead_ms']:.2f} ms "
              f"per step (ratio {h['overhead_ratio']:.2f}). Where the floor is most of a step, the step is bound by "
-             "memory bandwidth (reading the weights once per token) and no loop can be much faster than it."), ""]
+             "memory bandwidth (reading the weights once per token) and no loop can be much faster than it."), "",
+            *([f"With `cuda_graph=True` (one captured graph per step): {h['ours_graph_step_ms']:.2f} ms a step, "
+               f"{h['graph_step_ratio']:.3f} of HF's; tokens equal to the eager loop's: {bool(h['graph_tokens_match'])}.", ""]
+              if "graph_step_ratio" in h else [])]
 
 
 def _md_batching(b: dict) -> list[str]:

@@ -194,12 +194,13 @@ def bench_hf_decode(dense, hf, preset: Preset, device: str, warmup: int, reps: i
     L = preset.n_text + preset.images[0] * dense.config.vision.num_patches  # a text prompt as long as LLaVA-1.5's
     ids = make_prompt(dense.config, [0], L, "cpu", seed=7).input_ids
     ids_dev, pad = ids.to(dense.device), dense.config.text.pad_token_id or 0
-    steps: dict[str, list[float]] = {"ours": [], "hf": []}
+    graphs = device.startswith("cuda")  # the host-bound regime: CUDA graphs as a third contender
+    steps: dict[str, list[float]] = {"ours": [], "hf": [], **({"ours_graph": []} if graphs else {})}
 
-    def ours():
+    def ours(graph: bool = False):
         clock = StepClock(device, skip_first=False)
-        out = generate(dense, ids, max_new_tokens=n, eos_token_id=[], streamer=clock)
-        steps["ours"].append(clock.step_ms)
+        out = generate(dense, ids, max_new_tokens=n, eos_token_id=[], streamer=clock, cuda_graph=graph)
+        steps["ours_graph" if graph else "ours"].append(clock.step_ms)
         return out
 
     def theirs():
@@ -212,11 +213,17 @@ def bench_hf_decode(dense, hf, preset: Preset, device: str, warmup: int, reps: i
     with torch.inference_mode():
         cache = dense(input_ids=ids_dev, use_cache=True, logits_to_keep="last", output_routing=False).past_key_values
         floor = floor_step(dense, cache)
-        t = time_interleaved({"ours": ours, "hf": theirs, "floor": floor}, device, warmup, reps)
+        fns = {"ours": ours, "hf": theirs, "floor": floor, **({"ours_graph": partial(ours, True)} if graphs else {})}
+        t = time_interleaved(fns, device, warmup, reps)
     per = {k: Timing(times_ms=v[-reps:]) for k, v in steps.items()}  # the timed repetitions only
     a, b = t["ours"].result.cpu(), t["hf"].result.cpu()
     fl = t["floor"].median_ms
-    return {
+    extra = {}
+    if graphs:
+        g = per["ours_graph"]
+        extra = {"ours_graph_step": g.summary(), "ours_graph_step_ms": g.median_ms, "graph_step_ratio": g.median_ms / per["hf"].median_ms,
+                 "graph_tokens_match": float(torch.equal(t["ours_graph"].result.cpu(), a))}
+    return {**extra,
         "floor_step_ms": fl, "ours_overhead_ms": per["ours"].median_ms - fl, "hf_overhead_ms": per["hf"].median_ms - fl,
         "overhead_ratio": (per["ours"].median_ms - fl) / max(per["hf"].median_ms - fl, 1e-9),
         "prompt_tokens": ids.shape[1], "new_tokens": n, "ours_generate": t["ours"].summary(),

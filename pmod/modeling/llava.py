@@ -246,7 +246,7 @@ class PmodForConditionalGeneration(nn.Module):
         ctx = AttnContext(backend, cache=cache, decode=True)
         with backend.scope(x.device):
             h = self.language_model.decode(x, cache.positions, ctx)
-        cache.positions = cache.positions + 1
+        cache.advance_positions()
         return self.lm_head(h).float()
 
     def generate(self, input_ids: torch.Tensor, images=None, image_sizes=None, attention_mask=None, **kwargs) -> torch.Tensor:
