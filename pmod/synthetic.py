@@ -3,8 +3,9 @@
 Each scene puts 1-4 objects (shape, colour, size) into distinct cells of a 2x2 grid over a cluttered
 background (noise texture, grey strokes and specks that are not objects). Questions need one or a
 few image regions: the colour or shape of an object, counting, position, existence (POPE-style
-yes/no, balanced) and multiple choice. Objects cover a minority of the image, so a good router can
-drop background patches; each sample records its object boxes to measure that.
+yes/no, balanced) and multiple choice (four colours listed, answered with one of them). Objects cover a
+minority of the image, so a good router can drop background patches; each sample records its object
+boxes to measure that.
 
 Writes the LLaVA conversation JSON used by training (`{split}.json`) and the flat JSON lines used by
 evaluation (`{split}.jsonl`: id, image, question, answer, type), images under `images/`.
@@ -129,9 +130,9 @@ def make_sample(scene: Scene, rng: np.random.Generator, qtype: str) -> tuple[str
         others = [c for c in COLORS if c != o.color]
         opts = [o.color] + [others[i] for i in rng.permutation(len(others))[:3]]
         opts = [opts[i] for i in rng.permutation(4)]
-        letters = "ABCD"
-        listing = " ".join(f"{letters[i]}. {c}" for i, c in enumerate(opts))
-        return f"What color is the {o.shape}? {listing} Answer with the letter.", letters[opts.index(o.color)], qtype
+        # GQA's "choose" form (the answer is one of the listed options). A lettered list needs an induction-style
+        # copy that the tiny decoder trained from scratch does not form within the embedded budget (BENCHMARKS.md).
+        return f"Is the {o.shape} {', '.join(opts[:3])} or {opts[3]}? Answer with one word.", o.color, qtype
     return "How many objects are there? Answer with one word.", NUMBERS[len(objs)], "count"
 
 
