@@ -25,7 +25,7 @@ class GraphedDecode:
         if model._backend().name == "flash":
             raise ValueError("CUDA-graph decode runs the SDPA or eager attention backend, not flash")
         self.model, self.cache = model, cache
-        cache.make_static(steps)
+        cache.make_static(max(steps, warmup))  # the warm-up steps write real slots too (then rewound)
         self.tokens = torch.zeros(cache.batch_size, dtype=torch.long, device=model.device)
         saved = ([list(r) for r in cache.lengths], [s.clone() for s in cache.seqlens], cache.positions.clone())
 
