@@ -9,20 +9,21 @@ from __future__ import annotations
 
 import torch
 
+from pmod.attention import resolve_backend
 from pmod.cache import PmodCache
 
 __all__ = ["GraphedDecode"]
 
 
 class GraphedDecode:
-    """`step(tokens [B]) -> logits [B, V]`, the same as `model.decode_step(tokens, cache)`, for up to `steps` steps.
+    """`step(tokens [B]) -> logits [B, V]`, the same as `model.decode_step(tokens, cache)`, for at least `steps` steps.
 
     The returned logits live in the graph's output buffer: the next `step` overwrites them."""
 
     def __init__(self, model, cache: PmodCache, steps: int, warmup: int = 2):
         if model.device.type != "cuda":
             raise ValueError(f"CUDA graphs need the model on a CUDA device, not {model.device}")
-        if model._backend().name == "flash":
+        if resolve_backend(model.attn_backend, model.device, model.dtype).name == "flash":
             raise ValueError("CUDA-graph decode runs the SDPA or eager attention backend, not flash")
         self.model, self.cache = model, cache
         cache.make_static(max(steps, warmup))  # the warm-up steps write real slots too (then rewound)
@@ -39,7 +40,6 @@ class GraphedDecode:
         with torch.cuda.graph(self.graph):
             self.logits = model.decode_step(self.tokens, cache)
         self._restore(saved)  # the warm-up ran and capture advanced the host lengths: undo both
-        self.left = steps
 
     def _restore(self, saved) -> None:
         lengths, seqlens, positions = saved
@@ -49,12 +49,11 @@ class GraphedDecode:
         self.cache.positions.copy_(positions)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        if self.left < 1:
+        if self.cache.steps_left() < 1:  # a replay past the capacity would write out of bounds
             raise RuntimeError("GraphedDecode: the cache capacity reserved for this graph is used up")
         self.tokens.copy_(tokens)
         self.graph.replay()
         self.cache.advance_host()
-        self.left -= 1
         return self.logits
 
     def close(self) -> None:
