@@ -58,7 +58,7 @@ class PmodCache:
         self.slots(vc)[varlen.row, varlen.slot] = v.detach()
         self.k[layer], self.v[layer] = kc, vc
         self.lengths[layer] = list(varlen.lens)
-        self.seqlens[layer] = torch.tensor(varlen.lens, dtype=torch.long).to(k.device, non_blocking=True)
+        self.seqlens[layer] = varlen.seqlens
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
         """Decode: write k, v [B, G, D] at each row's next slot. Returns (k_cache, v_cache, seqlens, uniform):

@@ -12,10 +12,38 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["IMAGE_TOKEN_INDEX", "Varlen", "Layout", "RoutePlan", "build_layout", "plan_route"]
+__all__ = ["IMAGE_TOKEN_INDEX", "Varlen", "Layout", "RoutePlan", "build_layout", "plan_route", "plan_routes", "upload"]
 
 IMAGE_TOKEN_INDEX = -200
 IGNORE_INDEX = -100
+
+
+def upload(arrays: dict[str, np.ndarray], device: torch.device | str) -> dict[str, torch.Tensor]:
+    """Host int arrays -> device int64 tensors in ONE copy (pinned, non-blocking on CUDA), as views of one buffer.
+
+    A MoD forward needs a dozen small index tensors per layer; one pageable copy each would cost a stream sync
+    apiece on CUDA (the driver stages pageable memory), draining the GPU queue every layer.
+    """
+    dev = torch.device(device)
+    flat = [np.asarray(a, dtype=np.int64).reshape(-1) for a in arrays.values()]
+    buf = torch.from_numpy(np.concatenate(flat) if flat else np.zeros(0, np.int64))
+    if dev.type == "cuda":
+        buf = buf.pin_memory().to(dev, non_blocking=True)
+    elif dev.type != "cpu":
+        buf = buf.to(dev)
+    out, start = {}, 0
+    for (name, a), f in zip(arrays.items(), flat):
+        out[name] = buf[start : start + f.size].view(np.shape(a))
+        start += f.size
+    return out
+
+
+def _varlen_arrays(lens: list[int], prefix: str = "") -> dict[str, np.ndarray]:
+    """Host arrays of a Varlen over `lens`: cumulative lengths, each token's row and slot."""
+    lens_a = np.asarray(lens, dtype=np.int64)
+    cu = np.concatenate([[0], np.cumsum(lens_a)]).astype(np.int64)
+    row = np.repeat(np.arange(len(lens_a)), lens_a)  # [N]
+    return {prefix + "lens": lens_a, prefix + "cu": cu, prefix + "row": row, prefix + "slot": np.arange(cu[-1]) - cu[row]}
 
 
 @dataclass
@@ -27,27 +55,21 @@ class Varlen:
     max_seqlen: int
     row: torch.Tensor  # [N] long, row of each packed token
     slot: torch.Tensor  # [N] long, index of each packed token within its row
+    seqlens: torch.Tensor  # [B] long, lens on the device
 
     @property
     def total(self) -> int:
         return int(sum(self.lens))
 
     @classmethod
-    def from_lens(cls, lens: list[int], device: torch.device) -> "Varlen":
-        n = int(sum(lens))
-        lens_t = torch.tensor(lens, dtype=torch.long)
-        cu = torch.zeros(len(lens) + 1, dtype=torch.long)
-        cu[1:] = lens_t.cumsum(0)
-        row = torch.repeat_interleave(torch.arange(len(lens)), lens_t, output_size=n)  # [N]
-        slot = torch.arange(n) - cu[row]  # [N]
-        # Built on the host, copied without a stream sync: a blocking copy per MoD layer would drain the GPU queue.
-        return cls(
-            lens=list(lens),
-            cu_seqlens=cu.to(dtype=torch.int32).to(device, non_blocking=True),
-            max_seqlen=max(lens, default=0),
-            row=row.to(device, non_blocking=True),
-            slot=slot.to(device, non_blocking=True),
-        )
+    def from_lens(cls, lens: list[int], device: torch.device | str) -> Varlen:
+        return cls._from(lens, upload(_varlen_arrays(lens), device))
+
+    @classmethod
+    def _from(cls, lens: list[int], t: dict[str, torch.Tensor], prefix: str = "") -> Varlen:
+        """From tensors already on the device (`upload` of `_varlen_arrays(lens, prefix)`, maybe among others)."""
+        return cls(lens=list(lens), cu_seqlens=t[prefix + "cu"].to(torch.int32), max_seqlen=max(lens, default=0),
+                   row=t[prefix + "row"], slot=t[prefix + "slot"], seqlens=t[prefix + "lens"])
 
 
 @dataclass
@@ -59,6 +81,7 @@ class RoutePlan:
     k_dev: torch.Tensor  # [B] long
     k_max: int
     varlen: Varlen  # the kept tokens (text + top-k vision) of each row, packed
+    uniform: bool  # every row has the same vision count and keeps the same k: no padded slot, none unchosen
 
 
 @dataclass
@@ -93,6 +116,12 @@ class Layout:
         if ratio not in self._plans:
             self._plans[ratio] = plan_route(self, ratio)
         return self._plans[ratio]
+
+    def prepare_routes(self, ratios) -> None:
+        """Plan every MoD layer's route at once (one host-to-device copy for all of them); `route` then finds them."""
+        todo = sorted({r for r in ratios if r not in self._plans})
+        if todo and self.has_vision:
+            self._plans.update(plan_routes(self, todo))
 
     def pad(self, packed: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
         """[N, ...] packed -> [B, M, ...] merged, padding on the input's side."""
@@ -175,22 +204,23 @@ def build_layout(
     vcol = np.arange(len(vision_dest)) - np.concatenate([[0], np.cumsum(n_vision)[:-1]])[vrow]
     vision_slots[vrow, vcol] = vision_dest
 
-    dev = torch.device(device)
-    t = lambda a, dt=torch.long: torch.as_tensor(a, dtype=dt).to(dev, non_blocking=True)  # noqa: E731
+    t = upload({"pos": pos, "vision_mask": vision_mask, "text_src": text_src, "text_dest": text_dest,
+                "vision_dest": vision_dest, "vision_slots": vision_slots, "vision_flat": vrow * V + vcol,
+                "out_index": out_index, **_varlen_arrays(lens.tolist(), "v_")}, device)
     return Layout(
         batch_size=B,
         merged_len=M,
         n_vision=n_vision,
-        varlen=Varlen.from_lens(lens.tolist(), dev),
-        position_ids=t(pos),
-        vision_mask=t(vision_mask, torch.bool),
-        text_src=t(text_src),
-        text_dest=t(text_dest),
-        vision_dest=t(vision_dest),
-        vision_slots=t(vision_slots),
-        vision_valid=t(vision_slots < N, torch.bool),
-        vision_flat=t(vrow * V + vcol),
-        out_index=t(out_index),
+        varlen=Varlen._from(lens.tolist(), t, "v_"),
+        position_ids=t["pos"],
+        vision_mask=t["vision_mask"].bool(),
+        text_src=t["text_src"],
+        text_dest=t["text_dest"],
+        vision_dest=t["vision_dest"],
+        vision_slots=t["vision_slots"],
+        vision_valid=t["vision_slots"] < N,
+        vision_flat=t["vision_flat"],
+        out_index=t["out_index"],
         left_padded=left_padded,
         _plans={},
     )
@@ -198,17 +228,23 @@ def build_layout(
 
 def plan_route(layout: Layout, ratio: float) -> RoutePlan:
     """Host-side sizes of a MoD layer at `ratio`: k = trunc(n_vision * ratio) per row (float32, as official)."""
+    return plan_routes(layout, [ratio])[ratio]
+
+
+def plan_routes(layout: Layout, ratios) -> dict[float, RoutePlan]:
+    """`plan_route` for several ratios, their index tensors uploaded together in one copy."""
     from pmod.schedule import kept_count
 
-    if not 0.0 < ratio <= 1.0:
-        raise ValueError(f"MoD ratio must be in (0, 1], got {ratio}")
-    k = [kept_count(n, ratio) for n in layout.n_vision]
-    lens = [n - v + kk for n, v, kk in zip(layout.varlen.lens, layout.n_vision, k)]
-    dev = layout.position_ids.device
-    return RoutePlan(
-        ratio=ratio,
-        k=k,
-        k_dev=torch.tensor(k, dtype=torch.long).to(dev, non_blocking=True),
-        k_max=max(k, default=0),
-        varlen=Varlen.from_lens(lens, dev),
-    )
+    arrays, sizes = {}, {}
+    for i, ratio in enumerate(ratios):
+        if not 0.0 < ratio <= 1.0:
+            raise ValueError(f"MoD ratio must be in (0, 1], got {ratio}")
+        k = [kept_count(n, ratio) for n in layout.n_vision]
+        lens = [n - v + kk for n, v, kk in zip(layout.varlen.lens, layout.n_vision, k)]
+        sizes[ratio] = (k, lens)
+        arrays.update({f"{i}k": np.asarray(k, dtype=np.int64), **_varlen_arrays(lens, f"{i}_")})
+    t = upload(arrays, layout.position_ids.device)
+    same_v = len(set(layout.n_vision)) <= 1
+    return {ratio: RoutePlan(ratio=ratio, k=k, k_dev=t[f"{i}k"], k_max=max(k, default=0), varlen=Varlen._from(lens, t, f"{i}_"),
+                             uniform=same_v and len(set(k)) <= 1)
+            for i, (ratio, (k, lens)) in enumerate(sizes.items())}

@@ -48,6 +48,8 @@ class LanguageModel(nn.Module):
         cos, sin = self.rope(layout.position_ids, x.dtype)
         records: list[RoutingRecord] = []
         route = layout.has_vision
+        if route:
+            layout.prepare_routes(self.ratios.values())  # every layer's plan in one host-to-device copy
         for i, layer in enumerate(self.layers):
             x = x.to(layer.input_layernorm.weight.device)
             router = self.routers[str(i)] if (route and str(i) in self.routers) else None

@@ -61,12 +61,17 @@ def mod_layer_forward(
         r = r_v.new_zeros(B * V).index_copy(0, layout.vision_flat, r_v).view(B, V)  # [B, V]
         w = normalize_router_logits(r, layout.vision_valid, mod.norm, mod.norm_scale, mod.norm_bias)  # [B, V]
         w_v = w.view(-1).index_select(0, layout.vision_flat).to(x.dtype)  # [Nv], in vision_dest order
-    slots, chosen = select_top_k(w, layout.vision_valid, plan.k_dev, plan.k_max)  # [B, K]
-    kept_vision = layout.vision_slots.gather(1, slots)  # [B, K] packed indices
-
-    # Packed indices this layer processes: all text plus the chosen vision tokens, in sequence order.
-    keep = layout.text_keep().scatter(0, torch.where(chosen, kept_vision, N).flatten(), True)  # [N + 1], N: sink
-    idx = torch.nonzero_static(keep[:N], size=plan.varlen.total).squeeze(1)  # [Nk], ascending
+    if plan.uniform:  # every slot valid and every chosen slot used (e.g. batch 1): fewer launches, same choice
+        slots = w.detach().topk(plan.k_max, dim=-1, sorted=True).indices  # [B, K]
+        kept_vision = layout.vision_slots.gather(1, slots)  # [B, K] packed indices
+        keep = layout.text_keep().index_fill(0, kept_vision.flatten(), True)  # [N + 1]
+        chosen = None
+    else:
+        slots, chosen = select_top_k(w, layout.vision_valid, plan.k_dev, plan.k_max)  # [B, K]
+        kept_vision = layout.vision_slots.gather(1, slots)  # [B, K] packed indices
+        # Packed indices this layer processes: all text plus the chosen vision tokens; N is a sink slot.
+        keep = layout.text_keep().scatter(0, torch.where(chosen, kept_vision, N).flatten(), True)  # [N + 1]
+    idx = torch.nonzero_static(keep[:N], size=plan.varlen.total).squeeze(1)  # [Nk], ascending, in sequence order
 
     w_tok = torch.ones(N, dtype=x.dtype, device=x.device).index_copy(0, layout.vision_dest, w_v)  # [N], 1 on text
 
@@ -78,6 +83,8 @@ def mod_layer_forward(
 
     rec = None
     if record:
+        if chosen is None:
+            chosen = torch.ones_like(slots, dtype=torch.bool)
         pos = layout.position_ids[kept_vision.clamp(max=N - 1)]
         pos = torch.where(chosen, pos, torch.iinfo(torch.long).max).sort(dim=1).values
         rec = RoutingRecord(
