@@ -20,6 +20,14 @@ def test_upload_is_one_buffer_of_views():
     assert t["a"].untyped_storage().data_ptr() == t["b"].untyped_storage().data_ptr()  # one copy, not three
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_upload_to_cuda_matches_host():
+    arrays = {"a": np.arange(12).reshape(3, 4), "b": np.array([5, -1])}
+    t = upload(arrays, "cuda")  # pinned, non-blocking: reading it back must still see the values
+    assert t["a"].device.type == "cuda" and t["a"].cpu().tolist() == arrays["a"].tolist() and t["b"].cpu().tolist() == [5, -1]
+
+
 @pytest.mark.parametrize("rows, uniform", [([(2, 1, 3)], True), ([(2, 1, 3), (4, 1, 1)], True), ([(2, 1, 3), (3, 0, 2)], False)])
 def test_plan_routes_equal_one_by_one(rows, uniform):
     ids, mask, n = make_batch(rows)
