@@ -21,7 +21,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 __all__ = ["COLORS", "SHAPES", "CELLS", "DESCRIBE", "QUESTION_TYPES", "Scene", "make_scene", "render", "make_sample", "write_split", "write_dataset",
-           "object_patch_mask", "patch_labels", "train_tokenizer", "corpus", "describe", "parse_caption"]
+           "object_patch_mask", "patch_labels", "train_tokenizer", "corpus", "describe", "parse_caption",
+           "text_conversations"]
 
 COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 230), "yellow": (235, 215, 40),
           "purple": (150, 60, 200), "orange": (245, 140, 30)}
@@ -29,7 +30,7 @@ SHAPES = ("circle", "square", "triangle", "cross")
 CELLS = ("top left", "top right", "bottom left", "bottom right")
 NUMBERS = ("zero", "one", "two", "three", "four")
 QUESTION_TYPES = ("color", "shape", "count", "position", "exists", "choice")
-SPLIT_SEEDS = {"train": 0, "val": 1_000_003, "test": 2_000_003}
+SPLIT_SEEDS = {"train": 0, "val": 1_000_003, "test": 2_000_003, "text": 3_000_003}
 
 
 @dataclass
@@ -156,13 +157,13 @@ def parse_caption(text: str) -> dict[str, tuple[str, str, str]]:
 
 
 def write_split(root: str | Path, split: str, n: int, image_size: int = 64, seed: int | None = None,
-                rounds: int = 1, caption: bool = False) -> list[dict]:
-    """Write `n` images of `split` under `root`, each with `rounds` questions (types cycled, so a
-    multi-round conversation asks about the same image several ways); returns one flat record per
+                rounds: int = 1, caption: bool = False, types: tuple[str, ...] = QUESTION_TYPES) -> list[dict]:
+    """Write `n` images of `split` under `root`, each with `rounds` questions (`types` cycled, so a
+    multi-round conversation asks about the same image several ways; repeat a type to weight it); returns one flat record per
     question. With `caption`, also `{split}_captions.json`: one DESCRIBE -> caption conversation per
     image (LLaVA's stage-1 alignment data; kept out of the question conversations, where a caption
     in context would let the model answer from the text instead of the image). Deterministic in
-    (split, n, seed, rounds); images do not depend on `caption`."""
+    (split, n, seed, rounds, types); images depend on neither `caption` nor `types`."""
     root = Path(root)
     (root / "images").mkdir(parents=True, exist_ok=True)
     base = SPLIT_SEEDS[split] if seed is None else seed
@@ -177,7 +178,7 @@ def write_split(root: str | Path, split: str, n: int, image_size: int = 64, seed
                 {"from": "human", "value": "<image>\n" + DESCRIBE}, {"from": "gpt", "value": describe(scene)}]})
         turns = []
         for j in range(rounds):
-            question, answer, qtype = make_sample(scene, rng, QUESTION_TYPES[(i + j) % len(QUESTION_TYPES)])
+            question, answer, qtype = make_sample(scene, rng, types[(i + j) % len(types)])
             rid = f"{split}_{i:06d}" + (f"_{j}" if rounds > 1 else "")
             records.append({"id": rid, "image": name, "question": question, "answer": answer, "type": qtype,
                             "objects": [asdict(o) for o in scene.objects]})
@@ -194,13 +195,32 @@ def write_split(root: str | Path, split: str, n: int, image_size: int = 64, seed
     return records
 
 
+def text_conversations(n: int, seed: int | None = None, rounds: int = 4, types: tuple[str, ...] = QUESTION_TYPES) -> list[dict]:
+    """`n` text-only conversations: a fresh scene written out in words (`describe`), then `rounds` questions
+    about it (types cycled). Language data for the decoder: reading a question and finding what it names in
+    the context is the skill a pretrained LLM brings to LLaVA and a decoder trained from scratch lacks."""
+    base = SPLIT_SEEDS["text"] if seed is None else seed
+    convs = []
+    for i in range(n):
+        rng = np.random.default_rng(base + i)
+        scene = make_scene(rng)
+        turns = []
+        for j in range(rounds):
+            question, answer, _ = make_sample(scene, rng, types[(i + j) % len(types)])
+            turns += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+        turns[0]["value"] = describe(scene) + "\n" + turns[0]["value"]
+        convs.append({"id": f"text_{i:06d}", "conversations": turns})
+    return convs
+
+
 def write_dataset(root: str | Path, n_train: int = 8000, n_val: int = 300, n_test: int = 600, image_size: int = 64,
-                  train_rounds: int = 6, caption: bool = True) -> Path:
+                  train_rounds: int = 6, caption: bool = True, train_types: tuple[str, ...] = QUESTION_TYPES) -> Path:
     """Train images carry `train_rounds` questions each, as one conversation (and, with `caption`, a
     caption each in `train_captions.json`); val and test one question each."""
     for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
         train = split == "train"
-        write_split(root, split, n, image_size, rounds=train_rounds if train else 1, caption=caption and train)
+        write_split(root, split, n, image_size, rounds=train_rounds if train else 1, caption=caption and train,
+                    types=train_types if train else QUESTION_TYPES)
     return Path(root)
 
 

@@ -39,9 +39,10 @@ def test_demo_on_the_shipped_checkpoints(tmp_path, capsys):
 
 
 def test_training_script_end_to_end(tmp_path):
-    """All stages at a few steps: the ViT on patch labels, two gloo processes, then dense and p-MoD side by side."""
+    """All stages at a few steps: the ViT on patch labels, two gloo processes on captions, text-only questions,
+    then dense and p-MoD side by side."""
     cmd = [sys.executable, str(REPO / "train" / "embedded_default.py"), "--work", str(tmp_path), "--align-steps", "2",
-           "--steps", "2", "--n-train", "24", "--vision-steps", "3", "--no-install"]
+           "--text-steps", "2", "--n-text", "12", "--steps", "2", "--n-train", "24", "--vision-steps", "3", "--no-install"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO, check=False)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     for name, schedule in (("dense", "none"), ("pmod", "shiftedcos")):
@@ -57,8 +58,23 @@ def test_training_script_end_to_end(tmp_path):
     changed = {k.split(".")[0] for k in init if not torch.equal(init[k], vit[k])}
     assert changed == {"vision_tower"}
     assert f"model: {tmp_path / 'vit-3-0.003'}" in (tmp_path / "align.yaml").read_text()
+    # stage 1b: text-only conversations from stage 1's weights; stage 2 starts from its output
+    text = json.loads((tmp_path / "data" / "train_text.json").read_text())
+    assert len(text) == 12 and not any("image" in c for c in text)
+    assert f"model: {tmp_path / 'align'}" in (tmp_path / "language.yaml").read_text()
+    assert f"model: {tmp_path / 'language'}" in (tmp_path / "pmod.yaml").read_text()
 
 
 def test_demo_rejects_bad_counts(tmp_path, capsys):
     assert main(["demo", "--output", str(tmp_path), "--n-test", "0"]) != 0
     assert "--n-test >= 1" in capsys.readouterr().err
+
+
+def test_text_probe_scores_each_question_type_over_words():
+    done = subprocess.run([sys.executable, str(REPO / "train" / "text_probe.py"), str(PMOD_CKPT), "--n", "4"],
+                          capture_output=True, text=True, timeout=300, cwd=REPO, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    line = done.stdout.strip().splitlines()[-1]
+    assert "over words, 4 questions per type" in line
+    for qtype in ("color", "count", "exists", "position", "shape", "choice"):
+        assert f"{qtype} " in line

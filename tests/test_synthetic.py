@@ -112,3 +112,21 @@ def test_patch_labels_mark_the_pixels_each_object_draws():
     # a square fills its box: every patch fully inside is labelled, min_cover=1 keeps only those
     sq = {"shape": "square", "color": "red", "size": "large", "cell": 0, "box": (4, 4, 19, 19)}
     assert patch_labels([sq], 64, 4, min_cover=1.0)["shape"].reshape(16, 16)[1:5, 1:5].all()
+
+
+def test_text_conversations_put_the_scene_in_words_before_the_questions():
+    from pmod.synthetic import parse_caption, text_conversations
+
+    convs = text_conversations(20, seed=5, rounds=3, types=("exists", "color"))
+    assert convs == text_conversations(20, seed=5, rounds=3, types=("exists", "color"))  # deterministic
+    assert convs != text_conversations(20, seed=6, rounds=3, types=("exists", "color"))
+    for c in convs:
+        turns = c["conversations"]
+        assert "image" not in c and len(turns) == 6 and "<image>" not in json.dumps(turns)
+        scene_text, question = turns[0]["value"].split("\n")
+        objects = parse_caption(scene_text)
+        assert objects and question.startswith(("Is there a ", "What color", "How many"))  # count: colour impossible
+        if question.startswith("Is there a "):  # the answer follows from the scene written above it
+            colour, shape = question[len("Is there a "):].split(" in the image")[0].split()
+            present = any(o[1:] == (colour, shape) for o in objects.values())
+            assert turns[1]["value"] == ("yes" if present else "no")
