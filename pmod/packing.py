@@ -236,7 +236,7 @@ def plan_routes(layout: Layout, ratios) -> dict[float, RoutePlan]:
     from pmod.schedule import kept_count
 
     arrays, sizes = {}, {}
-    for i, ratio in enumerate(ratios):
+    for i, ratio in enumerate(dict.fromkeys(ratios)):  # each ratio once, in order
         if not 0.0 < ratio <= 1.0:
             raise ValueError(f"MoD ratio must be in (0, 1], got {ratio}")
         k = [kept_count(n, ratio) for n in layout.n_vision]
