@@ -42,7 +42,7 @@ def test_plan_routes_equal_one_by_one(rows, uniform):
         for f in ("cu_seqlens", "row", "slot", "seqlens"):
             assert torch.equal(getattr(got.varlen, f), getattr(one.varlen, f)), f
         assert got.varlen.lens == one.varlen.lens and got.varlen.seqlens.tolist() == one.varlen.lens
-    again = plan_routes(layout, [0.25, 0.9, 0.25])  # a ratio twice: planned once, indices still line up
+    again = plan_routes(layout, [0.25, 0.25, 0.9])  # a ratio twice: planned once, indices still line up
     assert list(again) == [0.25, 0.9] and torch.equal(again[0.9].varlen.row, together[0.9].varlen.row)
     with pytest.raises(ValueError, match="ratio"):
         plan_routes(layout, [0.0])
