@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 
 __all__ = ["COLORS", "SHAPES", "CELLS", "DESCRIBE", "QUESTION_TYPES", "Scene", "make_scene", "render", "make_sample", "write_split", "write_dataset",
            "object_patch_mask", "patch_labels", "train_tokenizer", "corpus", "describe", "parse_caption",
-           "text_conversations"]
+           "ask", "text_conversations"]
 
 COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 230), "yellow": (235, 215, 40),
           "purple": (150, 60, 200), "orange": (245, 140, 30)}
@@ -156,10 +156,17 @@ def parse_caption(text: str) -> dict[str, tuple[str, str, str]]:
     return out
 
 
+def ask(scene: Scene, rng: np.random.Generator, rounds: int, types: tuple[str, ...] = QUESTION_TYPES,
+        start: int = 0) -> list[tuple[str, str, str]]:
+    """`rounds` (question, answer, type) about `scene`, types cycled from `types[start]` (repeat a type to
+    weight it; `make_sample` falls back to counting where a type is impossible)."""
+    return [make_sample(scene, rng, types[(start + j) % len(types)]) for j in range(rounds)]
+
+
 def write_split(root: str | Path, split: str, n: int, image_size: int = 64, seed: int | None = None,
                 rounds: int = 1, caption: bool = False, types: tuple[str, ...] = QUESTION_TYPES) -> list[dict]:
-    """Write `n` images of `split` under `root`, each with `rounds` questions (`types` cycled, so a
-    multi-round conversation asks about the same image several ways; repeat a type to weight it); returns one flat record per
+    """Write `n` images of `split` under `root`, each with `rounds` questions (`ask`: `types` cycled, so a
+    multi-round conversation asks about the same image several ways); returns one flat record per
     question. With `caption`, also `{split}_captions.json`: one DESCRIBE -> caption conversation per
     image (LLaVA's stage-1 alignment data; kept out of the question conversations, where a caption
     in context would let the model answer from the text instead of the image). Deterministic in
@@ -177,8 +184,7 @@ def write_split(root: str | Path, split: str, n: int, image_size: int = 64, seed
             captions.append({"id": f"{split}_{i:06d}_caption", "image": name, "conversations": [
                 {"from": "human", "value": "<image>\n" + DESCRIBE}, {"from": "gpt", "value": describe(scene)}]})
         turns = []
-        for j in range(rounds):
-            question, answer, qtype = make_sample(scene, rng, types[(i + j) % len(types)])
+        for j, (question, answer, qtype) in enumerate(ask(scene, rng, rounds, types, start=i)):
             rid = f"{split}_{i:06d}" + (f"_{j}" if rounds > 1 else "")
             records.append({"id": rid, "image": name, "question": question, "answer": answer, "type": qtype,
                             "objects": [asdict(o) for o in scene.objects]})
@@ -205,8 +211,7 @@ def text_conversations(n: int, seed: int | None = None, rounds: int = 4, types: 
         rng = np.random.default_rng(base + i)
         scene = make_scene(rng)
         turns = []
-        for j in range(rounds):
-            question, answer, _ = make_sample(scene, rng, types[(i + j) % len(types)])
+        for question, answer, _ in ask(scene, rng, rounds, types, start=i):
             turns += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
         turns[0]["value"] = describe(scene) + "\n" + turns[0]["value"]
         convs.append({"id": f"text_{i:06d}", "conversations": turns})

@@ -78,3 +78,14 @@ def test_text_probe_scores_each_question_type_over_words():
     assert "over words, 4 questions per type" in line
     for qtype in ("color", "count", "exists", "position", "shape", "choice"):
         assert f"{qtype} " in line
+
+
+def test_question_attention_reads_the_shipped_dense_model(tmp_path):
+    from pmod.synthetic import write_split
+
+    write_split(tmp_path, "val", 12)
+    done = subprocess.run([sys.executable, str(REPO / "train" / "question_attention.py"), str(DENSE_CKPT), "--data",
+                           str(tmp_path), "--n", "12"], capture_output=True, text=True, timeout=300, cwd=REPO, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = done.stdout
+    assert out.count("  layer ") == pmod.load_config(DENSE_CKPT).text.num_hidden_layers and "max on the object word" in out

@@ -24,7 +24,7 @@ a stage 1b between them that stands in for the pretrained LLM:
    questions (existence weighted), mixed with some captions (which keep the grounding). Each caption and
    each question conversation is its own sample: a caption in the context would answer the questions
    without the image. p-MoD enters here, as in the paper (its models fine-tune with MoD layers from
-   stage-1 weights).
+   dense weights).
 
 Stage 1 runs at 1e-3: at 2e-3 the tiny decoder never learns to find an object by its attributes.
 Deterministic given the seed and the process count. Use one torch thread per process: on a small
@@ -60,7 +60,7 @@ QA_TYPES = ("exists", "color", "exists", "shape", "exists", "position", "choice"
 
 
 def tiny_config(vocab_size: int) -> PmodConfig:
-    """~1.5 M parameters: 64 px images in 4 px patches (256 vision tokens), a 4-layer ViT, a 6-layer decoder.
+    """~1.4 M parameters: 64 px images in 4 px patches (256 vision tokens), a 4-layer ViT, a 6-layer decoder.
     Four kv heads: with two (GQA) the decoder never learnt the existence check even over words (BENCHMARKS.md)."""
     return PmodConfig(
         text=TextConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=6,

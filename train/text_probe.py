@@ -16,7 +16,7 @@ import torch
 
 import pmod
 from pmod.demo import normalize
-from pmod.synthetic import QUESTION_TYPES, describe, make_sample, make_scene
+from pmod.synthetic import QUESTION_TYPES, ask, describe, make_scene
 
 PROBE_SEED = 9_000_011
 
@@ -30,7 +30,7 @@ def probe_records(n: int, seed: int = PROBE_SEED) -> list[dict]:
         for i in range(n):
             rng = np.random.default_rng(seed + 7919 * QUESTION_TYPES.index(qtype) + i)
             scene = make_scene(rng)
-            q, a, t = make_sample(scene, rng, qtype)
+            ((q, a, t),) = ask(scene, rng, 1, (qtype,))
             out.append({"prompt": describe(scene) + "\n" + q, "answer": a, "type": t})
     return out
 
