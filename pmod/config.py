@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,11 +22,46 @@ CONFIG_NAME = "config.json"
 MODEL_TYPE = "pmod"
 ROUTER_NORMS = ("tanh", "sigmoid", "softmax", "none")
 PROJECTORS = ("mlp2x_gelu", "linear")
+VISION_BACKENDS = ("clip", "siglip", "timm")
 
 
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ValueError(msg)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v: Any) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+def _check_ints(owner: str, obj: Any, names: tuple[str, ...], minimum: int = 1, optional: bool = False) -> None:
+    """Each field an int (not a bool, not a string) >= minimum; the message names the field and the value."""
+    for name in names:
+        v = getattr(obj, name)
+        if v is None and optional:
+            continue
+        _check(_is_int(v), f"{owner}: {name} must be an integer, got {v!r} ({type(v).__name__})")
+        _check(v >= minimum, f"{owner}: {name} must be >= {minimum}, got {v}")
+
+
+def _check_reals(owner: str, obj: Any, names: tuple[str, ...], positive: bool = False) -> None:
+    for name in names:
+        v = getattr(obj, name)
+        _check(_is_real(v), f"{owner}: {name} must be a finite number, got {v!r} ({type(v).__name__})")
+        _check(not positive or v > 0, f"{owner}: {name} must be positive, got {v}")
+
+
+def _from_fields(cls: type, d: Any, where: str) -> Any:
+    """Build a config dataclass from a dict, naming unknown fields (instead of a TypeError from __init__)."""
+    _check(isinstance(d, dict), f"PmodConfig: {where} must be a mapping of fields, got {type(d).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    _check(not unknown, f"PmodConfig: unknown field(s) {[f'{where}.{k}' for k in unknown]}; {cls.__name__} has {sorted(known)}")
+    return cls(**d)
 
 
 @dataclass
@@ -53,6 +89,17 @@ class TextConfig:
     pad_token_id: int | None = 0
 
     def __post_init__(self) -> None:
+        # types and ranges first, so that no arithmetic below meets a string, a zero or a negative size
+        _check_ints("TextConfig", self, ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                         "num_attention_heads", "max_position_embeddings"))
+        _check_ints("TextConfig", self, ("num_key_value_heads", "head_dim"), optional=True)
+        _check_ints("TextConfig", self, ("bos_token_id", "pad_token_id"), minimum=-1, optional=True)  # -1: LLaMA-1's "none"
+        eos = self.eos_token_id if isinstance(self.eos_token_id, (list, tuple)) else [self.eos_token_id]
+        _check(self.eos_token_id is None or all(_is_int(e) for e in eos),
+               f"TextConfig: eos_token_id must be a token id or a list of them, got {self.eos_token_id!r}")
+        _check_reals("TextConfig", self, ("rms_norm_eps", "rope_theta"), positive=True)
+        for name in ("qkv_bias", "o_bias", "mlp_bias", "tie_word_embeddings"):
+            _check(isinstance(getattr(self, name), bool), f"TextConfig: {name} must be true or false, got {getattr(self, name)!r}")
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
@@ -62,8 +109,6 @@ class TextConfig:
                 f"{self.num_attention_heads}; set head_dim explicitly",
             )
             self.head_dim = self.hidden_size // self.num_attention_heads
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
-            _check(getattr(self, name) > 0, f"TextConfig: {name} must be positive, got {getattr(self, name)}")
         _check(
             self.num_attention_heads % self.num_key_value_heads == 0,
             f"TextConfig: num_attention_heads={self.num_attention_heads} must be a multiple of "
@@ -71,6 +116,7 @@ class TextConfig:
         )
         _check(self.hidden_act == "silu", f"TextConfig: hidden_act={self.hidden_act!r} unsupported (SwiGLU needs 'silu')")
         if self.rope_scaling is not None:
+            _check(isinstance(self.rope_scaling, dict), f"TextConfig: rope_scaling must be a mapping or null, got {self.rope_scaling!r}")
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
             _check(
                 kind in ("default", "linear", "llama3"),
@@ -87,7 +133,8 @@ class TextConfig:
 @dataclass
 class VisionConfig:
     """The image encoder. `backend='clip'` builds transformers' CLIPVisionModel from `clip`
-    (CLIPVisionConfig fields); `backend='timm'` builds `timm_model` (no pretrained download).
+    (CLIPVisionConfig fields), `backend='siglip'` its SiglipVisionModel from the same dict (SiglipVisionConfig
+    fields; no CLS token); `backend='timm'` builds `timm_model` (no pretrained download).
     `name` is the tower's hub id or folder, kept for the image-processor settings."""
 
     backend: str = "clip"
@@ -101,32 +148,52 @@ class VisionConfig:
     image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
     def __post_init__(self) -> None:
-        _check(self.backend in ("clip", "timm"), f"VisionConfig: backend={self.backend!r}; expected 'clip' or 'timm'")
+        _check(self.backend in VISION_BACKENDS, f"VisionConfig: backend={self.backend!r}; expected one of {VISION_BACKENDS}")
         _check(
             self.select_feature in ("patch", "cls_patch"),
             f"VisionConfig: select_feature={self.select_feature!r}; expected 'patch' or 'cls_patch'",
         )
+        _check(not (self.backend == "siglip" and self.select_feature == "cls_patch"),
+               "VisionConfig: a SigLIP tower has no CLS token; select_feature must be 'patch'")
+        _check(_is_int(self.select_layer), f"VisionConfig: select_layer must be an integer, got {self.select_layer!r}")
         if self.backend == "timm":
             _check(bool(self.timm_model), "VisionConfig: backend='timm' needs timm_model")
-        self.image_mean = tuple(self.image_mean)
-        self.image_std = tuple(self.image_std)
+        else:
+            _check(isinstance(self.clip, dict), f"VisionConfig: clip must be a mapping of tower config fields, got {self.clip!r}")
+            for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
+                         "patch_size", "num_channels"):
+                v = self.clip.get(name, 1)
+                _check(_is_int(v) and v >= 1, f"VisionConfig: {name} must be a positive integer, got {v!r}")
+            heads = self.clip.get("num_attention_heads", 12)
+            _check(self.hidden_size % heads == 0,
+                   f"VisionConfig: hidden_size={self.hidden_size} is not divisible by num_attention_heads={heads}")
+            _check(self.image_size >= self.patch_size,
+                   f"VisionConfig: image_size={self.image_size} is smaller than patch_size={self.patch_size}")
+            depth = self.clip.get("num_hidden_layers", 12)
+            _check(-depth - 1 <= self.select_layer <= depth,
+                   f"VisionConfig: select_layer={self.select_layer} is outside a {depth}-layer tower")
+        for name in ("image_mean", "image_std"):
+            v = tuple(getattr(self, name))
+            _check(len(v) == 3 and all(_is_real(x) for x in v), f"VisionConfig: {name} must be 3 finite numbers, got {v!r}")
+            setattr(self, name, v)
+        _check(all(x > 0 for x in self.image_std), f"VisionConfig: image_std must be positive, got {self.image_std}")
 
     @property
     def hidden_size(self) -> int:
-        if self.backend == "clip":
-            return int(self.clip.get("hidden_size", 768))  # CLIPVisionConfig defaults
+        if self.backend != "timm":
+            return int(self.clip.get("hidden_size", 768))  # CLIPVisionConfig / SiglipVisionConfig defaults
         return int(self.timm_kwargs["embed_dim"]) if "embed_dim" in self.timm_kwargs else _timm_width(self.timm_model)
 
     @property
     def image_size(self) -> int:
-        if self.backend == "clip":
+        if self.backend != "timm":
             return int(self.clip.get("image_size", 224))
         return int(self.timm_kwargs.get("img_size", 224))
 
     @property
     def patch_size(self) -> int:
-        if self.backend == "clip":
-            return int(self.clip.get("patch_size", 32))
+        if self.backend != "timm":
+            return int(self.clip.get("patch_size", 32 if self.backend == "clip" else 16))
         return int(self.timm_kwargs.get("patch_size", 16))
 
     @property
@@ -166,18 +233,26 @@ class ModConfig:
     def __post_init__(self) -> None:
         _check(self.schedule in SCHEDULES, f"ModConfig: schedule={self.schedule!r}; expected one of {SCHEDULES}")
         _check(self.norm in ROUTER_NORMS, f"ModConfig: norm={self.norm!r}; expected one of {ROUTER_NORMS}")
+        _check_reals("ModConfig", self, ("avg_ratio", "max_ratio", "min_ratio", "norm_scale", "norm_bias", "router_init_std"))
+        _check(self.router_init_std >= 0, f"ModConfig: router_init_std must be >= 0, got {self.router_init_std}")
+        _check(isinstance(self.router_bias, bool), f"ModConfig: router_bias must be true or false, got {self.router_bias!r}")
         if self.layer_ratios is not None:
-            self.layer_ratios = {int(k): float(v) for k, v in self.layer_ratios.items()}
+            _check(isinstance(self.layer_ratios, dict), f"ModConfig: layer_ratios must map layer -> ratio, got {self.layer_ratios!r}")
+            try:
+                self.layer_ratios = {int(k): float(v) for k, v in self.layer_ratios.items()}
+            except (TypeError, ValueError):
+                raise ValueError(f"ModConfig: layer_ratios must map integer layers to ratios, got {self.layer_ratios!r}") from None
             for layer, ratio in self.layer_ratios.items():
                 _check(0.0 < ratio <= 1.0, f"ModConfig: ratio {ratio} of layer {layer} is outside (0, 1]")
-        elif self.schedule in ("shiftedcos", "shiftedlinear"):
+            return
+        if self.schedule != "none":  # an average above 1 would keep every layer dense, silently
+            _check(0.0 < self.avg_ratio <= 1.0, f"ModConfig: avg_ratio={self.avg_ratio} is outside (0, 1]")
+        if self.schedule in ("shiftedcos", "shiftedlinear"):
             _check(
                 0.0 < self.min_ratio <= self.max_ratio <= 1.0,
                 f"ModConfig: need 0 < min_ratio <= max_ratio <= 1, got min_ratio={self.min_ratio}, "
                 f"max_ratio={self.max_ratio}",
             )
-        elif self.schedule != "none":
-            _check(0.0 < self.avg_ratio <= 1.0, f"ModConfig: avg_ratio={self.avg_ratio} is outside (0, 1]")
 
     def ratios(self, num_layers: int) -> dict[int, float]:
         """{MoD layer index: keep ratio}, ascending by layer."""
@@ -206,11 +281,14 @@ class PmodConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.text, dict):
-            self.text = TextConfig(**self.text)
+            self.text = _from_fields(TextConfig, self.text, "text")
         if isinstance(self.vision, dict):
-            self.vision = VisionConfig(**self.vision)
+            self.vision = _from_fields(VisionConfig, self.vision, "vision")
         if isinstance(self.mod, dict):
-            self.mod = ModConfig(**self.mod)
+            self.mod = _from_fields(ModConfig, self.mod, "mod")
+        for name, cls in (("text", TextConfig), ("vision", VisionConfig), ("mod", ModConfig)):
+            _check(isinstance(getattr(self, name), cls), f"PmodConfig: {name} must be a {cls.__name__} or a dict, "
+                                                         f"got {type(getattr(self, name)).__name__}")
         _check(self.projector_type in PROJECTORS, f"PmodConfig: projector_type={self.projector_type!r}; expected one of {PROJECTORS}")
         _check(
             self.image_aspect_ratio in ("pad", "anyres", "square"),
@@ -223,8 +301,17 @@ class PmodConfig:
         if self.image_aspect_ratio == "anyres":
             _check(bool(self.image_grid_pinpoints), "PmodConfig: image_aspect_ratio='anyres' needs image_grid_pinpoints")
         _check(self.padding_side in ("left", "right"), f"PmodConfig: padding_side={self.padding_side!r}")
-        _check(self.model_max_length > 0, f"PmodConfig: model_max_length must be positive, got {self.model_max_length}")
-        self.mod_ratios  # validates layer indices against the depth
+        _check_ints("PmodConfig", self, ("model_max_length",))
+        if self.image_grid_pinpoints is not None:
+            ok = isinstance(self.image_grid_pinpoints, (list, tuple)) and all(
+                isinstance(p, (list, tuple)) and len(p) == 2 and all(_is_int(v) and v > 0 for v in p) for p in self.image_grid_pinpoints)
+            _check(ok, f"PmodConfig: image_grid_pinpoints must be a list of [width, height] positive integers, "
+                       f"got {self.image_grid_pinpoints!r}")
+        ratios = self.mod_ratios  # validates layer indices against the depth
+        _check(bool(ratios) or self.mod.schedule == "none",
+               f"PmodConfig: the MoD schedule {self.mod.schedule!r} (avg_ratio={self.mod.avg_ratio}, max_ratio="
+               f"{self.mod.max_ratio}) gives no MoD layer in a {self.text.num_hidden_layers}-layer decoder; "
+               f"use schedule='none' for a dense model")
 
     @property
     def mod_ratios(self) -> dict[int, float]:
@@ -257,10 +344,11 @@ class PmodConfig:
         return cls(**d)
 
     def save(self, folder: str | os.PathLike) -> None:
-        os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, CONFIG_NAME), "w") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
-            f.write("\n")
+        """config.json, written atomically (temp file, fsync, rename): never left empty by a crash."""
+        from pmod.io.atomic import atomic_write_text, check_writable_dir
+
+        check_writable_dir(folder, "config folder").mkdir(parents=True, exist_ok=True)
+        atomic_write_text(os.path.join(folder, CONFIG_NAME), json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
     def replace(self, **changes: Any) -> "PmodConfig":
         """A copy with top-level fields changed (`text=`, `mod=`, ... take dataclasses or dicts)."""

@@ -87,10 +87,10 @@ def decoder_flops_from_tokens(
 
 
 def _clip(vision: VisionConfig) -> dict:
-    if vision.backend != "clip":
-        raise ValueError(f"vision FLOPs are counted for backend='clip' only, got {vision.backend!r}; "
+    if vision.backend not in ("clip", "siglip"):
+        raise ValueError(f"vision FLOPs are counted for backend='clip' or 'siglip' only, got {vision.backend!r}; "
                          "pass include_vision=False")
-    return {**_CLIP, **vision.clip}
+    return {**_CLIP, **({"patch_size": 16} if vision.backend == "siglip" else {}), **vision.clip}
 
 
 def vision_flops(vision: VisionConfig, n_images: int, *, layers: int | None = None) -> int:
@@ -100,7 +100,7 @@ def vision_flops(vision: VisionConfig, n_images: int, *, layers: int | None = No
     c = _clip(vision)
     dim, mlp, p = c["hidden_size"], c["intermediate_size"], c["patch_size"]
     patches = (c["image_size"] // p) ** 2
-    n = patches + 1
+    n = patches + (vision.backend == "clip")  # CLIP adds a CLS token; SigLIP (its pooling head not counted) has none
     layer = 4 * linear_flops(n, dim, dim) + attention_flops(n, n, 1, dim) + 2 * linear_flops(n, dim, mlp)
     conv = linear_flops(patches, c["num_channels"] * p * p, dim)
     return n_images * (conv + (c["num_hidden_layers"] if layers is None else layers) * layer)

@@ -97,3 +97,19 @@ def tiny_tokenizer(words: list[str] | None = None):
 
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+
+
+class _Payload:
+    """Unpickling this runs `open(marker, 'w')`: the marker file appears iff a loader executed pickled code."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def planted_pickle(path, marker) -> None:
+    """Write a pickle (in torch.save's zip format, as a real optimizer.bin or custom_checkpoint_0.pkl would be)
+    whose unpickling creates `marker`."""
+    torch.save({"state": _Payload(marker)}, path)

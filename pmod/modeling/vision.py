@@ -1,4 +1,4 @@
-"""Vision towers: transformers' CLIPVisionModel (LLaVA's choice) or a timm backbone.
+"""Vision towers: transformers' CLIPVisionModel (LLaVA's choice), its SiglipVisionModel, or a timm backbone.
 
 A tower maps pixels [N, 3, S, S] to patch features [N, P, Cv] taken from the hidden state of
 `select_layer` (-2: the penultimate layer, as LLaVA does), CLS dropped for `select_feature='patch'`.
@@ -10,7 +10,7 @@ from torch import nn
 
 from pmod.config import VisionConfig
 
-__all__ = ["CLIPTower", "TimmTower", "build_vision_tower"]
+__all__ = ["CLIPTower", "SiglipTower", "TimmTower", "build_vision_tower"]
 
 
 class CLIPTower(nn.Module):
@@ -29,6 +29,21 @@ class CLIPTower(nn.Module):
         out = self.model(pixel_values=pixels.to(self.dtype), output_hidden_states=True)
         feats = out.hidden_states[self.cfg.select_layer]  # [N, 1+P, Cv]
         return feats[:, 1:] if self.cfg.select_feature == "patch" else feats
+
+
+class SiglipTower(CLIPTower):
+    """SigLIP (LLaVA-OneVision's tower): no CLS token, so every selected token is a patch."""
+
+    def __init__(self, cfg: VisionConfig):
+        nn.Module.__init__(self)
+        from transformers import SiglipVisionConfig, SiglipVisionModel
+
+        self.cfg = cfg
+        self.model = SiglipVisionModel(SiglipVisionConfig(**cfg.clip))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        out = self.model(pixel_values=pixels.to(self.dtype), output_hidden_states=True)
+        return out.hidden_states[self.cfg.select_layer]  # [N, P, Cv]
 
 
 class TimmTower(nn.Module):
@@ -62,4 +77,4 @@ class TimmTower(nn.Module):
 
 
 def build_vision_tower(cfg: VisionConfig) -> nn.Module:
-    return CLIPTower(cfg) if cfg.backend == "clip" else TimmTower(cfg)
+    return {"clip": CLIPTower, "siglip": SiglipTower, "timm": TimmTower}[cfg.backend](cfg)
