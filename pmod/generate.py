@@ -10,6 +10,7 @@ from typing import Callable, Sequence
 import torch
 
 from pmod.sampling import sample_next
+from pmod.validation import NonFiniteError, check_batch, check_generation, check_sampling, merged_lengths, nonfinite_rows
 
 __all__ = ["generate"]
 
@@ -43,23 +44,23 @@ def generate(
     (`pmod.cudagraph.GraphedDecode`): the same tokens, without the per-kernel launch cost of the host.
     """
     cfg = model.config.text
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    # every argument checked before the prefill allocates its cache (max_new_tokens=10**9 is refused here)
+    stop_strings = check_generation(max_new_tokens, stop_strings, tokenizer, eos_token_id, pad_token_id)
+    check_sampling(do_sample, temperature, top_k, top_p)
+    ids_host, mask_host = check_batch(input_ids, attention_mask, cfg.vocab_size)
+    longest = max(merged_lengths(ids_host, mask_host, model.image_token_counts(images, image_sizes) if images is not None else []))
+    context = max(cfg.max_position_embeddings, model.config.model_max_length)
+    if longest + max_new_tokens > context:
+        raise ValueError(f"prompt ({longest} tokens with images) + max_new_tokens ({max_new_tokens}) exceeds the "
+                         f"model's context of {context} tokens")
     eos = cfg.eos_token_ids if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
     pad = pad_token_id if pad_token_id is not None else (cfg.pad_token_id if cfg.pad_token_id is not None else (eos[0] if eos else 0))
-    if stop_strings and tokenizer is None:
-        raise ValueError("stop_strings need a tokenizer to decode the generated text")
     choose = lambda logits: sample_next(logits, do_sample, temperature, top_k, top_p, generator)  # noqa: E731
 
     with torch.inference_mode():
         out = model(input_ids=input_ids, images=images, image_sizes=image_sizes, attention_mask=attention_mask,
                     use_cache=True, cache_reserve=max_new_tokens, logits_to_keep="last", output_routing=False)
         cache, logits = out.past_key_values, out.logits
-        max_pos = model.config.text.max_position_embeddings
-        longest = max(out.layout.varlen.lens)
-        if longest + max_new_tokens > max(max_pos, model.config.model_max_length):
-            raise ValueError(f"prompt ({longest} tokens with images) + max_new_tokens ({max_new_tokens}) exceeds the "
-                             f"model's context of {max(max_pos, model.config.model_max_length)} tokens")
         B = logits.shape[0]
         eos_t = torch.tensor(eos, dtype=torch.long, device=logits.device)
         finished = torch.zeros(B, dtype=torch.bool, device=logits.device)
@@ -69,7 +70,9 @@ def generate(
             from pmod.cudagraph import GraphedDecode
 
             graph = GraphedDecode(model, cache, max_new_tokens - 1)
+        bad = torch.zeros((), dtype=torch.bool, device=logits.device)  # NaN/Inf seen, read at the step's one host sync
         for step in range(max_new_tokens):
+            bad = bad | ~torch.isfinite(logits).all()
             chosen = choose(logits)  # [B]
             nxt = torch.where(finished, pad, chosen)  # finished rows show padding ...
             steps.append(nxt)
@@ -78,14 +81,26 @@ def generate(
             finished = finished | torch.isin(nxt, eos_t)
             if stop_strings:
                 finished = finished | _hit_stop(torch.stack(steps, 1), tokenizer, stop_strings).to(finished.device)
-            if step + 1 == max_new_tokens or bool(finished.all()):  # one host sync per step, to stop early
+            if step + 1 == max_new_tokens:
+                break
+            done, nonfinite = torch.stack([finished.all(), bad]).tolist()  # one host sync per step, to stop early
+            if done or nonfinite:
                 break
             # ... but feed a real token (pad may be no vocab id)
             logits = graph.step(chosen) if graph is not None else model.decode_step(chosen, cache)
         if graph is not None:
             graph.close()
+        if bool(bad):
+            _raise_nonfinite(logits, len(steps) - 1)
     tokens = torch.stack(steps, dim=1)
     return (tokens, cache) if return_cache else tokens
+
+
+def _raise_nonfinite(logits: torch.Tensor, step: int) -> None:
+    """The official code raises on NaN/Inf in a MoD layer; a NaN row would otherwise answer with token 0."""
+    rows = nonfinite_rows(logits)
+    raise NonFiniteError(f"non-finite logits (NaN/Inf) at generation step {step} in row(s) {rows or '?'}: the model's "
+                             f"weights, pixel values or cache hold NaN/Inf (from_pretrained checks weights as it reads them)")
 
 
 def _hit_stop(tokens: torch.Tensor, tokenizer, stop_strings: Sequence[str]) -> torch.Tensor:

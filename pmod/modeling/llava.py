@@ -26,6 +26,7 @@ from pmod.modeling.mod import RoutingRecord
 from pmod.modeling.projector import build_projector
 from pmod.modeling.vision import build_vision_tower
 from pmod.packing import IGNORE_INDEX, Layout, build_layout
+from pmod.validation import check_batch, check_images
 
 __all__ = ["PmodForConditionalGeneration", "PmodOutput"]
 
@@ -172,10 +173,10 @@ class PmodForConditionalGeneration(nn.Module):
 
     def prepare(self, input_ids, images=None, image_sizes=None, attention_mask=None) -> tuple[torch.Tensor, Layout]:
         """Merge text embeddings and image features into the packed sequence: (x [N, C], layout)."""
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
+        ids_host, mask_host = check_batch(input_ids, attention_mask, self.config.text.vocab_size)  # named errors, host copies
+        check_images(images, self.config)
         counts = self.image_token_counts(images, image_sizes) if images is not None else []
-        layout = build_layout(input_ids, attention_mask, counts, self.device, max_length=self.config.model_max_length)
+        layout = build_layout(ids_host, mask_host, counts, self.device, max_length=self.config.model_max_length)
         ids = input_ids.to(self.device).flatten().index_select(0, layout.text_src)  # [Nt]
         emb = self.language_model.embed_tokens(ids)  # [Nt, C]
         x = emb.new_zeros(layout.num_tokens, emb.shape[-1]).index_copy(0, layout.text_dest, emb)

@@ -85,7 +85,7 @@ def mod_layer_forward(
     if record:
         if chosen is None:
             chosen = torch.ones_like(slots, dtype=torch.bool)
-        pos = layout.position_ids[kept_vision.clamp(max=N - 1)]
+        pos = layout.out_index[kept_vision.clamp(max=N - 1)] % layout.merged_len  # merged position (left padding included)
         pos = torch.where(chosen, pos, torch.iinfo(torch.long).max).sort(dim=1).values
         rec = RoutingRecord(
             layer=layer_idx,

@@ -19,7 +19,7 @@ from typing import Any
 
 from safetensors.torch import save_file
 
-from pmod.io.files import write_safetensors_sharded
+from pmod.io.files import write_checkpoint
 
 __all__ = ["TrainerState", "list_checkpoints", "latest_checkpoint", "save_checkpoint", "load_checkpoint",
            "clean_partial", "export_model", "CHECKPOINTS", "STATE_FILE"]
@@ -144,8 +144,7 @@ def export_model(accelerator, model, strategy, processor, folder: str | os.PathL
         else:
             if inner.config.text.tie_word_embeddings:
                 state.pop("lm_head.weight", None)
-            inner.config.save(folder)
-            write_safetensors_sharded(state, folder)
+            write_checkpoint(folder, inner.config.to_dict(), state)
             processor.save_pretrained(folder)
     accelerator.wait_for_everyone()
     return folder / "mm_projector.safetensors" if stage == "pretrain" else folder
