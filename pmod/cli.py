@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args) or 0
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except (ValueError, FileNotFoundError, NotADirectoryError, KeyError) as e:
         print(f"pmod {args.cmd}: error: {e}", file=sys.stderr)
         return 2
 

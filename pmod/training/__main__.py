@@ -13,7 +13,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         return run(args)
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except (ValueError, FileNotFoundError, NotADirectoryError, KeyError) as e:
         print(f"pmod train: error: {e}", file=sys.stderr)
         return 2
 

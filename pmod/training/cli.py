@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -36,6 +37,9 @@ _HELP = {
     "model_max_length": "merged tokens per sample (text + image features); longer samples are truncated",
     "mixed_precision": "no, bf16 or fp16 (autocast by accelerate; DeepSpeed uses its config)",
     "report_to": "comma-separated trackers: tensorboard, wandb", "save_steps": "write a checkpoint every N optimizer steps",
+    "allow_config_change": "let --resume apply settings that differ from the run's saved ones (learning rates, "
+                           "schedule, logging, checkpointing, moved paths)",
+    "allow_outside_image_folder": "let records name images outside --image-folder (../x.png, absolute paths)",
 }
 _MOD_FLAGS = {"mod_schedule": ("schedule", str), "mod_avg_ratio": ("avg_ratio", float), "mod_max_ratio": ("max_ratio", float),
               "mod_min_ratio": ("min_ratio", float)}
@@ -46,7 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="recipe YAML file (TrainConfig fields; may name a `recipe:` to extend)")
     p.add_argument("--print-config", action="store_true", help="print the resolved run config as YAML and exit")
     p.add_argument("--resume", nargs="?", const="latest", default=None,
-                   help="continue from the last complete checkpoint in --output (or from the folder given)")
+                   help="continue from the last complete checkpoint in --output (or from the folder given); with "
+                        "--output alone, the run's saved train_config.yaml gives every other setting")
     p.add_argument("--strategy-option", action="append", default=[], metavar="KEY=VALUE", help="option of the strategy (YAML value)")
     p.add_argument("--mod-schedule", help="p-MoD schedule (shiftedcos, shiftedlinear, ...); 'none' trains the dense baseline")
     for flag in ("mod_avg_ratio", "mod_max_ratio", "mod_min_ratio"):
@@ -76,10 +81,26 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def _saved_run_config(args: argparse.Namespace) -> TrainConfig | None:
+    """`--resume` with `--output DIR` and neither --recipe nor --config: the run's own saved train_config.yaml."""
+    if args.resume is None or not getattr(args, "output", None) or args.recipe or args.config:
+        return None
+    path = Path(args.output) / "train_config.yaml"
+    if not path.is_file():
+        return None
+    try:
+        raw = yaml.safe_load(path.read_text())
+        return TrainConfig.from_dict(raw)
+    except (yaml.YAMLError, ValueError, TypeError, AttributeError) as e:
+        raise ValueError(f"{path}: cannot read the run's saved config ({type(e).__name__}: {e}); pass the run's "
+                         f"arguments again (or --config FILE)") from None
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     names = {f.name for f in dataclasses.fields(TrainConfig)} - {"mod", "strategy_options"}
     overrides = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
-    cfg = resolve_config(args.recipe, args.config, **overrides)
+    saved = _saved_run_config(args)
+    cfg = saved.replace(**overrides) if saved is not None else resolve_config(args.recipe, args.config, **overrides)
     mod_given = {key: getattr(args, flag) for flag, (key, _) in _MOD_FLAGS.items() if getattr(args, flag, None) is not None}
     if mod_given:
         mod = {"schedule": "none"} if mod_given.get("schedule") == "none" else {**(cfg.mod or {}), **mod_given}

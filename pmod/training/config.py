@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["TrainConfig", "STAGES", "MIXED_PRECISION", "LR_SCHEDULERS"]
+__all__ = ["TrainConfig", "STAGES", "MIXED_PRECISION", "LR_SCHEDULERS", "RESUMABLE_FIELDS", "check_resume_config"]
 
 STAGES = ("pretrain", "finetune")
 MIXED_PRECISION = ("no", "bf16", "fp16")
@@ -57,6 +57,7 @@ class TrainConfig:
     model_max_length: int | None = None  # merged tokens (text + image features); None = the checkpoint's
     group_by_modality_length: bool = True
     check_images: bool = True  # stat every image file up front, so missing ones are reported before step 0
+    allow_outside_image_folder: bool = False  # image paths (`../x.png`, absolute) may leave --image-folder
     num_workers: int = 0
     max_samples: int | None = None
 
@@ -90,6 +91,7 @@ class TrainConfig:
     report_to: list[str] = field(default_factory=list)
     run_name: str | None = None
     ddp_find_unused_parameters: bool = True  # text-only batches leave the projector and routers unused
+    allow_config_change: bool = False  # --resume with settings that differ from the run's saved ones (RESUMABLE_FIELDS)
 
     def __post_init__(self) -> None:
         _check(self.stage in STAGES, f"stage={self.stage!r}; expected one of {STAGES}")
@@ -142,3 +144,37 @@ class TrainConfig:
 
     def replace(self, **changes: Any) -> TrainConfig:
         return TrainConfig.from_dict({**self.to_dict(), **changes})
+
+
+# What a resumed run may change (with --allow-config-change): optimiser hyper-parameters and the schedule's shape
+# (applied from the next step on: the checkpoint keeps the moments, the run's config gives the values), logging
+# and checkpointing, and paths that moved. Everything else fixes the model, the data order or the numerics.
+RESUMABLE_FIELDS = frozenset({
+    "learning_rate", "projector_lr", "vision_tower_lr", "router_lr", "weight_decay", "adam_beta1", "adam_beta2",
+    "adam_epsilon", "lr_scheduler", "warmup_ratio", "warmup_steps", "max_grad_norm", "save_steps", "save_total_limit",
+    "logging_steps", "report_to", "run_name", "num_workers", "check_images", "gradient_checkpointing", "tf32",
+    "attn_backend", "ddp_find_unused_parameters", "model", "data", "image_folder", "vision_tower", "tokenizer",
+    "pretrain_mm_projector",
+})
+_NOT_COMPARED = frozenset({"resume", "output", "allow_config_change"})
+
+
+def check_resume_config(saved: TrainConfig, given: TrainConfig, where: str) -> list[str]:
+    """The fields `given` changes against the run's saved config (as 'field: saved X, given Y'); raises unless every
+    change is allowed (`given.allow_config_change` and the field in RESUMABLE_FIELDS), naming each changed field."""
+    a, b = saved.to_dict(), given.to_dict()
+    changed = sorted(k for k in a if k not in _NOT_COMPARED and a[k] != b.get(k))
+    if not changed:
+        return []
+    shown = [f"{k}: saved {a[k]!r}, given {b.get(k)!r}" for k in changed]
+    fixed = [k for k in changed if k not in RESUMABLE_FIELDS]
+    if fixed:
+        raise ValueError(f"cannot resume {where}: the given settings differ from the run's saved train_config.yaml ("
+                         f"{'; '.join(shown)}). {', '.join(fixed)} cannot change on resume (they fix the model, the data "
+                         f"order or the numerics); resume with the saved settings (`pmod train --output DIR --resume` "
+                         f"reads them) or start a new --output")
+    if not given.allow_config_change:
+        raise ValueError(f"cannot resume {where}: the given settings differ from the run's saved train_config.yaml ("
+                         f"{'; '.join(shown)}). Pass --allow-config-change to apply them from the next step on, or "
+                         f"resume with the saved settings (`pmod train --output DIR --resume` reads them)")
+    return shown

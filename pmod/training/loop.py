@@ -22,15 +22,17 @@ from torch.utils.data import DataLoader
 
 from pmod.training.accel import fill_deepspeed_auto, make_accelerator, zero_stage
 from pmod.training.build import build
+from pmod.io.atomic import atomic_write_text, check_writable_dir
 from pmod.training.checkpoint import (
     TrainerState,
     clean_partial,
     export_model,
-    latest_checkpoint,
-    load_checkpoint,
+    list_checkpoints,
+    resume_point,
     save_checkpoint,
+    write_run_config,
 )
-from pmod.training.config import TrainConfig
+from pmod.training.config import TrainConfig, check_resume_config
 from pmod.training.data import Collator, ConversationDataset
 from pmod.training.monitor import Monitor
 from pmod.training.records import read_records
@@ -75,7 +77,8 @@ def train(cfg: TrainConfig, callbacks: Sequence[Callback] = ()) -> TrainResult:
     if cfg.tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     set_seed(cfg.seed)
-    out = Path(cfg.output)
+    out = check_writable_dir(cfg.output, "--output")
+    config_changes = _check_resume_config(cfg, out)  # before anything heavy: a refused resume costs nothing
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         clean_partial(out)
@@ -88,7 +91,7 @@ def train(cfg: TrainConfig, callbacks: Sequence[Callback] = ()) -> TrainResult:
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
 
-    samples, report = read_records(cfg.data, cfg.image_folder, cfg.check_images, cfg.max_samples)
+    samples, report = read_records(cfg.data, cfg.image_folder, cfg.check_images, cfg.max_samples, cfg.allow_outside_image_folder)
     dataset = ConversationDataset(samples, built.tokenizer, built.processor, built.template, model.config.model_max_length)
     world, gas = accelerator.num_processes, cfg.gradient_accumulation_steps
     stream = BatchStream(dataset.lengths(), dataset.has_image, cfg.per_device_batch_size * world, cfg.seed,
@@ -99,7 +102,7 @@ def train(cfg: TrainConfig, callbacks: Sequence[Callback] = ()) -> TrainResult:
     scheduler = build_scheduler(optimizer, cfg.lr_scheduler, total, cfg.warmup_ratio, cfg.warmup_steps)
     fill_deepspeed_auto(accelerator, cfg, model.config.text.hidden_size)
     model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler, strategy)
+    parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "strategy": strategy}  # what a checkpoint holds
     inner = accelerator.unwrap_model(model)
 
     fingerprint = {"seed": cfg.seed, "global_batch": cfg.per_device_batch_size * world, "gradient_accumulation_steps": gas,
@@ -108,12 +111,16 @@ def train(cfg: TrainConfig, callbacks: Sequence[Callback] = ()) -> TrainResult:
     state = TrainerState(fingerprint=fingerprint)
     monitor_msgs = []
     if cfg.resume:
-        path = latest_checkpoint(out) if cfg.resume == "latest" else Path(cfg.resume)
-        if path is None:
+        found = resume_point(accelerator, out, cfg.resume, fingerprint, warn=monitor_msgs.append, **parts)
+        if found is None:
             monitor_msgs.append(f"--resume: no complete checkpoint in {out / 'checkpoints'}; starting from step 0")
         else:
-            state = load_checkpoint(accelerator, path, fingerprint)
+            path, state = found
             monitor_msgs.append(f"resumed from {path}: step {state.step}, data position {state.position}")
+            if config_changes:
+                monitor_msgs.append("resumed with changed settings (--allow-config-change): " + "; ".join(config_changes))
+    if accelerator.is_main_process:
+        _truncate_log(out / "train_log.jsonl", state.step)  # the steps after the checkpoint are redone: logged once
 
     monitor = Monitor(accelerator, out, total, state.step, cfg.report_to, cfg.to_dict())
     for m in monitor_msgs:
@@ -154,17 +161,49 @@ def train(cfg: TrainConfig, callbacks: Sequence[Callback] = ()) -> TrainResult:
             acc = {"loss": 0.0, "targets": 0, "tokens": 0}
         _call(callbacks, "on_step_end", state.step, logs)
         if state.step % cfg.save_steps == 0 or state.step == total:
-            ckpt = save_checkpoint(accelerator, out, state, cfg.save_total_limit, safe=not inner.config.text.tie_word_embeddings)
+            ckpt = save_checkpoint(accelerator, out, state, cfg.save_total_limit, **parts)
             monitor.write(f"checkpoint {ckpt}")
             _call(callbacks, "on_save", state.step, ckpt)
 
     exported = export_model(accelerator, model, strategy, built.processor, out, cfg.stage)
     summary = {"before_training": report.to_dict(), "at_load_time": state.skipped}
     if accelerator.is_main_process:
-        (out / "skipped_samples.json").write_text(json.dumps(summary, indent=2) + "\n")
+        atomic_write_text(out / "skipped_samples.json", json.dumps(summary, indent=2) + "\n")
     monitor.write(f"done: {state.step} steps, model written to {exported}")
     monitor.close()
     return TrainResult(out, state.step, last_loss, exported, ckpt, summary)
+
+
+def _check_resume_config(cfg: TrainConfig, out: Path) -> list[str]:
+    """A resume must continue the run its folder holds: the given settings are compared with its saved
+    train_config.yaml (refused naming each changed field, unless allowed); returns the allowed changes."""
+    saved_path = out / "train_config.yaml"
+    if not cfg.resume or not saved_path.is_file() or not list_checkpoints(out):
+        return []
+    try:
+        saved = TrainConfig.from_dict(yaml.safe_load(saved_path.read_text()))
+    except (yaml.YAMLError, ValueError, TypeError, AttributeError) as e:
+        raise ValueError(f"{saved_path}: cannot read the run's saved config ({type(e).__name__}: {e})") from None
+    return check_resume_config(saved, cfg, f"in {out}")
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Keep train_log.jsonl's lines up to `step` (and drop a line cut short by a kill): after a resume every step
+    is logged once."""
+    if not path.is_file():
+        return
+    keep, dropped = [], 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+            if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= step:
+                keep.append(line)
+                continue
+        except ValueError:
+            pass
+        dropped += 1
+    if dropped:
+        atomic_write_text(path, "".join(x + "\n" for x in keep))
 
 
 def _reduce_logs(accelerator, acc: dict[str, Any], skipped: Counter, res, dt: float) -> tuple[dict[str, Any], int]:
@@ -184,7 +223,7 @@ def _start_report(monitor: Monitor, accelerator, cfg: TrainConfig, built, inner,
                   out: Path) -> None:
     if not accelerator.is_main_process:
         return
-    (out / "train_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=True))
+    write_run_config(out, cfg.to_dict())
     roles = ", ".join(f"{r} {t / 1e6:.2f}M/{n / 1e6:.2f}M" for r, (t, n) in sorted(trainable_summary(inner).items()))
     mod = "dense" if inner.config.is_dense else f"p-MoD, {len(inner.config.mod_ratios)} MoD layers"
     monitor.write(f"model {cfg.model} ({built.source}, {mod}); template {built.template.name}; trainable: {roles}")

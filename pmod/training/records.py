@@ -90,17 +90,33 @@ def _normalise_placeholders(messages: list[dict[str, str]], n_images: int) -> No
                 m["content"] = (IMAGE_PLACEHOLDER + "\n" + m["content"].replace(IMAGE_PLACEHOLDER, "").strip()).strip()
 
 
-def parse_record(rec: Any, index: int, image_folder: str | None, check_images: bool = True) -> Sample:
-    """A checked Sample, or `_Broken(reason)` naming what is wrong."""
+def _inside(folder: str, name: str) -> str | None:
+    """`name` joined to `folder` if it stays inside it (lexically: no absolute path, no `..` climbing out), else
+    None. Symbolic links inside the folder are followed as usual (data folders are often links to a disk)."""
+    if os.path.isabs(name) or os.path.splitdrive(name)[0]:
+        return None
+    joined = os.path.normpath(os.path.join(folder, name))
+    base = os.path.normpath(folder)
+    return joined if joined == base or joined.startswith(base.rstrip(os.sep) + os.sep) else None
+
+
+def parse_record(rec: Any, index: int, image_folder: str | None, check_images: bool = True,
+                 allow_outside: bool = False) -> Sample:
+    """A checked Sample, or `_Broken(reason)` naming the field that is wrong. With an image folder, image paths
+    must stay inside it (`../x.png` and absolute paths are refused) unless `allow_outside`."""
     if not isinstance(rec, dict):
         raise _Broken("bad_record", f"expected an object, got {type(rec).__name__}")
     turns = rec.get("conversations")
     if not isinstance(turns, list) or not turns:
-        raise _Broken("bad_record", "no 'conversations' list")
+        raise _Broken("bad_record", "field 'conversations': missing or not a non-empty list")
     messages = []
-    for t in turns:
-        if not isinstance(t, dict) or not isinstance(t.get("value"), str) or t.get("from") not in ROLES:
-            raise _Broken("bad_record", f"bad turn {str(t)[:80]!r}; expected {{'from': human|gpt|system, 'value': str}}")
+    for i, t in enumerate(turns):
+        if not isinstance(t, dict):
+            raise _Broken("bad_record", f"conversations[{i}]: expected {{'from': human|gpt|system, 'value': str}}, got {str(t)[:80]!r}")
+        if t.get("from") not in ROLES:
+            raise _Broken("bad_record", f"conversations[{i}].from = {t.get('from')!r}; expected one of {sorted(ROLES)}")
+        if not isinstance(t.get("value"), str):
+            raise _Broken("bad_record", f"conversations[{i}].value must be a string, got {type(t.get('value')).__name__}")
         messages.append({"role": ROLES[t["from"]], "content": t["value"]})
     while True:  # LLaVA drops leading assistant turns
         first = next((i for i, m in enumerate(messages) if m["role"] != "system"), None)
@@ -112,7 +128,13 @@ def parse_record(rec: Any, index: int, image_folder: str | None, check_images: b
     image = rec.get("image")
     images = [] if image is None else ([image] if isinstance(image, str) else image)
     if not isinstance(images, list) or not all(isinstance(x, str) and x for x in images):
-        raise _Broken("bad_record", f"'image' must be a file name or a list of them, got {image!r}")
+        raise _Broken("bad_record", f"field 'image' must be a file name or a list of them, got {str(image)[:80]!r}")
+    if image_folder and not allow_outside:
+        outside = [(j, x) for j, x in enumerate(images) if _inside(image_folder, x) is None]
+        if outside:
+            j, x = outside[0]
+            raise _Broken("image_outside_folder", f"image[{j}] = {x!r} lies outside --image-folder {image_folder}; "
+                                                  f"pass --allow-outside-image-folder to read it")
     paths = [os.path.join(image_folder, x) if image_folder else x for x in images]
     if check_images:
         missing = [p for p in paths if not os.path.isfile(p)]
@@ -144,7 +166,7 @@ def _raw_records(path: Path) -> list[tuple[int, Any, str | None]]:
 
 
 def read_records(path: str | os.PathLike, image_folder: str | None, check_images: bool = True,
-                 max_samples: int | None = None) -> tuple[list[Sample], SkipReport]:
+                 max_samples: int | None = None, allow_outside: bool = False) -> tuple[list[Sample], SkipReport]:
     """All usable samples of a data file and the report of those skipped."""
     p = Path(path)
     if not p.is_file():
@@ -160,7 +182,7 @@ def read_records(path: str | os.PathLike, image_folder: str | None, check_images
             report.add("bad_json", f"{p.name} {err}")
             continue
         try:
-            samples.append(parse_record(rec, index, image_folder, check_images))
+            samples.append(parse_record(rec, index, image_folder, check_images, allow_outside))
         except _Broken as e:
             report.add(e.reason, f"#{index} id={rid}: {e}")
     if not samples:
