@@ -17,7 +17,14 @@ import torch
 
 from pmod.config import PmodConfig
 from pmod.multimodal.anyres import anyres_pixel_values
-from pmod.multimodal.images import DEFAULT_MAX_PIXELS, clip_preprocess, load_image, pad_pixel_values
+from pmod.multimodal.images import (
+    DEFAULT_MAX_ASPECT_RATIO,
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MAX_SIDE,
+    clip_preprocess,
+    load_image,
+    pad_pixel_values,
+)
 from pmod.multimodal.templates import IMAGE_PLACEHOLDER, get_template, render
 from pmod.packing import IMAGE_TOKEN_INDEX
 
@@ -27,11 +34,15 @@ PROCESSOR_CONFIG = "pmod_processor.json"
 
 
 class PmodProcessor:
-    def __init__(self, tokenizer, config: PmodConfig, template: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS):
+    def __init__(self, tokenizer, config: PmodConfig, template: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 max_side: int = DEFAULT_MAX_SIDE, max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO, exif_transpose: bool = False):
+        """`max_pixels`, `max_side`, `max_aspect_ratio`: images beyond them are refused from their header, before
+        decoding. `exif_transpose=True` applies EXIF orientation (off by default, as LLaVA trained without it)."""
         self.tokenizer = tokenizer
         self.config = config
         self.template = get_template(template or config.conv_template)
         self.max_pixels = max_pixels
+        self.max_side, self.max_aspect_ratio, self.exif_transpose = max_side, max_aspect_ratio, exif_transpose
 
     # --- construction ---------------------------------------------------------------------------
     @classmethod
@@ -52,12 +63,15 @@ class PmodProcessor:
     def process_images(self, images: Sequence[Any]) -> tuple[torch.Tensor | list[torch.Tensor], list[tuple[int, int]]]:
         """-> (pixels, sizes): [N, 3, S, S] for pad/square, a list of [1+n_i, 3, S, S] for anyres; sizes (w, h)."""
         v, cfg = self.config.vision, self.config
-        pil = [load_image(im, max_pixels=self.max_pixels) for im in images]
+        pil = [load_image(im, max_pixels=self.max_pixels, max_side=self.max_side, max_aspect_ratio=self.max_aspect_ratio,
+                          exif_transpose=self.exif_transpose) for im in images]
         sizes = [im.size for im in pil]
         if cfg.image_aspect_ratio == "anyres":
             return [anyres_pixel_values(im, cfg.image_grid_pinpoints, v.image_size, v.image_mean, v.image_std) for im in pil], sizes
-        prep = pad_pixel_values if cfg.image_aspect_ratio == "pad" else clip_preprocess
-        pixels = [prep(im, v.image_size, v.image_mean, v.image_std) for im in pil]
+        if cfg.image_aspect_ratio == "pad":
+            pixels = [pad_pixel_values(im, v.image_size, v.image_mean, v.image_std, self.max_pixels) for im in pil]
+        else:
+            pixels = [clip_preprocess(im, v.image_size, v.image_mean, v.image_std) for im in pil]
         return (torch.stack(pixels) if pixels else torch.zeros(0, 3, v.image_size, v.image_size)), sizes
 
     # --- text -----------------------------------------------------------------------------------
