@@ -53,11 +53,28 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
+def _check_models(paths: list[str], offline: bool) -> None:
+    """Every checkpoint must be found before lmms-eval starts (it indexes its tasks for minutes first): a local
+    folder with config.json, or a hub id in the local cache (only there when offline)."""
+    from pmod.io import CheckpointError
+    from pmod.io.files import config_path, resolve_folder
+
+    for flag, p in zip(("--model", "--compare"), paths):
+        try:
+            folder = resolve_folder(p, None, files=["config.json"], what=f"{flag}", local_only=offline or None, patterns=["*.json"])
+        except CheckpointError as e:
+            raise FileNotFoundError(str(e)) from None
+        if not config_path(folder).is_file():
+            raise FileNotFoundError(f"{flag} {p}: {folder} holds no config.json, so it is not a checkpoint pmod can load")
+
+
 def cmd_eval(args) -> int:
     from pmod.evaluation.run import ModelRun, evaluate
 
-    _quiet_lmms_eval_logs()
     paths = [args.model] + ([args.compare] if args.compare else [])
+    if not args.table_only:
+        _check_models(paths, offline=not args.online)
+    _quiet_lmms_eval_logs()
     labels = args.labels.split(",") if args.labels else [Path(p.rstrip("/")).name or p for p in paths]
     if len(labels) != len(paths):
         raise ValueError(f"--labels gives {len(labels)} name(s) for {len(paths)} model(s)")

@@ -37,7 +37,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import pmod
-from pmod.evaluation import JOURNAL_GLOB
+from pmod.evaluation.journal import Journal, model_hash
 from pmod.flops import count_flops, kv_cache_bytes
 from pmod.multimodal.templates import IMAGE_PLACEHOLDER
 from pmod.packing import build_layout
@@ -66,34 +66,6 @@ def request_efficiency(model, input_ids: torch.Tensor, attention_mask: torch.Ten
     }
 
 
-class _Journal:
-    """Append-only JSON lines, one per request; earlier lines (any rank) serve as a resume cache by key."""
-
-    def __init__(self, folder: Path | None, rank: int, resume: bool):
-        self.path = None if folder is None else folder / f"pmod_requests.rank{rank}.jsonl"
-        self.done: dict[str, Any] = {}
-        if self.path is None:
-            return
-        folder.mkdir(parents=True, exist_ok=True)
-        for f in sorted(folder.glob(JOURNAL_GLOB)) if resume else []:
-            for line in f.read_text().splitlines():
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:  # a line cut short by the interruption
-                    continue
-                if rec.get("deterministic") and rec.get("response") is not None:
-                    self.done[rec["key"]] = rec["response"]
-
-    def write(self, records: list[dict]) -> None:
-        if self.path is None or not records:
-            return
-        with open(self.path, "ab+") as f:
-            cut = f.seek(0, os.SEEK_END) > 0 and f.seek(-1, os.SEEK_END) >= 0 and f.read(1) != b"\n"  # a line cut short
-            f.write((("\n" if cut else "") + "".join(json.dumps(r) + "\n" for r in records)).encode())
-            f.flush()
-            os.fsync(f.fileno())
-
-
 class PmodLmms(lmms):
     is_simple = True
 
@@ -120,7 +92,7 @@ class PmodLmms(lmms):
         self.max_new_tokens, self.seed = int(max_new_tokens), int(seed)
         self.fingerprint = _fingerprint(pretrained, dtype, self.processor.template.name, self.processor.max_pixels)
         folder = Path(log) if log else _cli_output_path()
-        self.journal = _Journal(folder, self._rank, str(resume).lower() not in ("false", "0", "no"))
+        self.journal = Journal(folder, self._rank, str(resume).lower() not in ("false", "0", "no"), model_hash(self.fingerprint))
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> PmodLmms:
@@ -358,12 +330,15 @@ def _deterministic(gen_kwargs: dict) -> bool:
 
 
 def _fingerprint(pretrained: str, dtype: str, template: str, max_pixels: int) -> dict:
-    """What decides a response: the checkpoint (path and its weight files' sizes and times), dtype, template."""
+    """What decides a response: the checkpoint (path; its weight files' names, sizes, inodes and nanosecond times,
+    which an atomic re-save always changes; config.json's content), dtype, template, image limit."""
     path = Path(pretrained).expanduser()
     files = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")) if path.is_dir() else []
-    stamp = [(f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in files]
-    return {"path": str(path.resolve()) if path.exists() else pretrained, "weights": stamp, "dtype": str(dtype),
-            "template": template, "max_pixels": max_pixels}
+    stamp = [(f.name, f.stat().st_size, f.stat().st_ino, f.stat().st_mtime_ns) for f in files]
+    cfg = path / "config.json"
+    cfg_hash = hashlib.sha256(cfg.read_bytes()).hexdigest()[:16] if cfg.is_file() else None
+    return {"path": str(path.resolve()) if path.exists() else pretrained, "weights": stamp, "config": cfg_hash,
+            "dtype": str(dtype), "template": template, "max_pixels": max_pixels}
 
 
 def _cli_output_path() -> Path | None:

@@ -19,7 +19,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pmod.evaluation import JOURNAL_GLOB
 from pmod.evaluation.tasks import BENCHMARKS, PAPER_EFFICIENCY, PAPER_SCORES, offline_env, task_average
 
 __all__ = [
@@ -115,17 +114,24 @@ def latest_results(output: Path, newer_than: float = 0.0) -> Path | None:
     return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
 
+_COST_FIELDS = {"task": str, "doc_id": (int, str), **{k: (int, float) for k in _EFF_KEYS}}
+
+
 def read_journal(folder: Path, model: str | None = None) -> list[dict]:
-    """The plugin's per-request records in `folder` (all ranks), one per request key (the latest)."""
+    """The plugin's trusted per-request records in `folder` (all ranks; `pmod.evaluation.journal` checks each line
+    and warns about the ones it drops), one per request key (the latest); `model` selects a checkpoint path."""
+    from pmod.evaluation.journal import read_records
+
     recs: dict[str, dict] = {}
-    for f in sorted(Path(folder).glob(JOURNAL_GLOB)):
-        for line in f.read_text().splitlines():
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if model is None or r.get("model") == model:
-                recs[r["key"]] = r
+    bad = 0
+    for r in read_records(folder, warn=lambda m: print(m, file=sys.stderr))[0]:
+        if any(not isinstance(r.get(k), t) or isinstance(r.get(k), bool) for k, t in _COST_FIELDS.items()):
+            bad += 1
+            continue
+        if model is None or r.get("model") == model:
+            recs[r["key"]] = r
+    if bad:
+        print(f"pmod: {bad} journal record(s) in {folder} lack cost fields; left out of the table", file=sys.stderr)
     return list(recs.values())
 
 
