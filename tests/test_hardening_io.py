@@ -231,6 +231,20 @@ def test_a_non_finite_weight_is_named_when_read(tmp_path, bad):
     assert not torch.isfinite(m.language_model.layers[1].mlp.up_proj.weight).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_the_finite_check_sees_every_position_and_never_overflows(dtype):
+    from pmod.io.files import check_finite
+
+    x = torch.full((1027,), 60000.0 if dtype == torch.float16 else 1e30, dtype=dtype)  # a sum would overflow
+    check_finite("big", x, "here")
+    for pos in (0, 1, 15, 16, 17, 511, 1025, 1026):  # vector starts, middles and tails
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            y = torch.randn(1027).to(dtype)
+            y[pos] = bad
+            with pytest.raises(CheckpointError, match=rf"tensor w holds 1 non-finite value\(s\).*index \({pos},\)"):
+                check_finite("w", y, "here")
+
+
 def test_an_integer_tensor_in_a_checkpoint_is_named(tmp_path):
     f = _saved(tmp_path) / "model.safetensors"
     sd = load_file(f)
