@@ -125,6 +125,17 @@ def test_an_earlier_pmod_checkpoint_resumes_safely_and_exactly(runs, tmp_path):
     assert not marker.exists()
 
 
+def test_a_truncated_optimizer_bin_of_an_earlier_pmod_falls_back(runs, tmp_path, capsys):
+    out = _copy(runs, tmp_path)
+    step = out / "checkpoints" / "step-00000004"
+    _as_legacy(step)
+    _truncate(step / "optimizer.bin")
+    train(runs["cfg"](out, resume="latest"))
+    said = capsys.readouterr().out
+    assert "step-00000004 is unusable" in said and "optimizer.bin: corrupt or truncated" in said
+    assert _same_weights(out, runs["straight"])
+
+
 # --- resume from the saved config; changed settings ------------------------------------------------------------
 def test_resume_with_output_alone_reads_the_saved_config(runs, tmp_path, capsys):
     from pmod.cli import main

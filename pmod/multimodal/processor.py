@@ -55,9 +55,11 @@ class PmodProcessor:
         return cls(load_tokenizer(folder), load_config(folder), template=template or extra.get("template"), **kwargs)
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
-        Path(folder).mkdir(parents=True, exist_ok=True)
+        from pmod.io.atomic import atomic_write_text, check_writable_dir
+
+        check_writable_dir(folder, "processor folder").mkdir(parents=True, exist_ok=True)
         self.tokenizer.save_pretrained(str(folder))
-        (Path(folder) / PROCESSOR_CONFIG).write_text(json.dumps({"template": self.template.name}, indent=2) + "\n")
+        atomic_write_text(Path(folder) / PROCESSOR_CONFIG, json.dumps({"template": self.template.name}, indent=2) + "\n")
 
     # --- images ---------------------------------------------------------------------------------
     def process_images(self, images: Sequence[Any]) -> tuple[torch.Tensor | list[torch.Tensor], list[tuple[int, int]]]:
