@@ -22,7 +22,7 @@ from pmod.io.commit import commit_folder, pending_commit
 from pmod.io.errors import CheckpointError, CheckpointNotFoundError
 
 __all__ = ["resolve_folder", "config_path", "weight_files", "read_tensors", "check_finite", "plan_shards",
-           "write_checkpoint", "SAFE_INDEX", "BIN_INDEX"]
+           "write_checkpoint", "save_safetensors", "SAFE_INDEX", "BIN_INDEX"]
 
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -134,6 +134,13 @@ def check_finite(name: str, t: torch.Tensor, where: object) -> None:
     first = tuple(int(i) for i in bad.nonzero()[0].tolist()) if n else ()
     raise CheckpointError(f"{where}: tensor {name} holds {n} non-finite value(s) (NaN/Inf), the first at index {first}; "
                           f"the checkpoint is corrupt (pass check_finite=False to load it anyway)")
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """One safetensors file, atomically (temp + fsync + rename)."""
+    from pmod.io.atomic import atomic_write
+
+    atomic_write(path, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
 
 
 def _parse_size(size: str | int) -> int:

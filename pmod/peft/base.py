@@ -22,8 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
+
+from pmod.io.atomic import atomic_write_text
+from pmod.io.files import save_safetensors
 
 from pmod.training.strategy import ROLES, BaseStrategy, get_strategy, param_role, set_trainable
 
@@ -182,7 +185,7 @@ class PeftStrategy(BaseStrategy):
     def save(self, model: nn.Module, folder: Path, state: dict[str, torch.Tensor] | None = None) -> Path:
         """Write `folder/strategy/`: strategy.json and trained.safetensors (see `trained_state`)."""
         out = write_meta(folder, self.name, self.options, self.touched(model))
-        save_file(self.trained_state(model, state), str(out / "trained.safetensors"), metadata={"format": "pt"})
+        save_safetensors(self.trained_state(model, state), out / "trained.safetensors")
         return out
 
     def use_saved(self, folder: Path) -> None:
@@ -230,7 +233,7 @@ def write_meta(folder: str | Path, name: str, options: dict[str, Any], touched: 
     out = Path(folder) / STRATEGY_DIR
     out.mkdir(parents=True, exist_ok=True)
     meta = {"strategy": name, "options": options, "touched": touched, "format": 1}
-    (out / "strategy.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(out / "strategy.json", json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return out
 
 

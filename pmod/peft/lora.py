@@ -89,7 +89,7 @@ class LoraStrategy(PeftStrategy):
 
     def save(self, model: nn.Module, folder: Path, state: dict[str, torch.Tensor] | None = None) -> Path:
         from peft import get_peft_model_state_dict
-        from safetensors.torch import save_file
+        from pmod.io.files import save_safetensors
 
         out = super().save(model, folder, state)
         adapter = out / "adapter"
@@ -99,5 +99,5 @@ class LoraStrategy(PeftStrategy):
                                                if k.startswith("language_model.")}
         peft_state = get_peft_model_state_dict(model.language_model, state_dict=lm_state)
         state = {k: v.detach().cpu().contiguous() for k, v in peft_state.items()}
-        save_file(state, str(adapter / "adapter_model.safetensors"), metadata={"format": "pt"})
+        save_safetensors(state, adapter / "adapter_model.safetensors")
         return out

@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
+
+from pmod.io.files import save_safetensors
 
 from pmod.peft.base import DEFAULT_ALSO_TRAIN, TARGETS, PeftStrategy, check_options, copy_into, target_linears
 from pmod.training.strategy import register_strategy
@@ -166,7 +167,7 @@ class TicketStrategy(PeftStrategy):
 
     def save(self, model: nn.Module, folder: Path, state: dict[str, torch.Tensor] | None = None) -> Path:
         out = super().save(model, folder, state)
-        save_file({n: m.cpu().contiguous() for n, m in self.masks.items()}, str(out / "mask.safetensors"), metadata={"format": "pt"})
+        save_safetensors({n: m.cpu().contiguous() for n, m in self.masks.items()}, out / "mask.safetensors")
         return out
 
     def use_saved(self, folder: Path) -> None:
