@@ -196,6 +196,19 @@ def test_a_corrupt_latest_step_falls_back_naming_the_file(runs, tmp_path, victim
     assert [e["step"] for e in _log(out)] == list(range(1, STEPS + 1))
 
 
+def test_leftovers_of_an_interrupted_swap_or_prune(tmp_path):
+    """A re-save swaps step-N aside as .old-step-N before renaming the new one in: killed between the two renames,
+    the old complete one is put back. A prune renames to .del-step-N first: a half-deleted step is never listed."""
+    from pmod.training.checkpoint import clean_partial
+
+    root = tmp_path / "checkpoints"
+    for name in (".old-step-00000004", ".del-step-00000002", ".tmp-step-00000006"):
+        (root / name).mkdir(parents=True)
+        (root / name / "trainer_state.json").write_text("{}")
+    clean_partial(tmp_path)
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000004"]
+
+
 def test_no_usable_checkpoint_is_a_clear_error(runs, tmp_path):
     out = _copy(runs, tmp_path)
     for step in list_checkpoints(out):
