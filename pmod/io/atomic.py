@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 __all__ = ["atomic_write", "atomic_write_text", "atomic_write_bytes", "fsync_file", "fsync_dir", "clean_temp",
-           "check_writable_dir"]
+           "temp_target", "check_writable_dir"]
 
 TMP_SUFFIX = ".tmp"
 
@@ -64,17 +64,24 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write(path, lambda p: Path(p).write_text(text, encoding="utf-8"))
 
 
-def clean_temp(folder: str | os.PathLike, names: list[str] | None = None) -> list[Path]:
-    """Delete `.{name}.*.tmp` leftovers of `atomic_write` in `folder` (for the given target names, or all)."""
+def temp_target(name: str) -> str | None:
+    """The file an `atomic_write` temp name (`.{target}.{8 random chars}.tmp`) was for, or None."""
+    if not (name.startswith(".") and name.endswith(TMP_SUFFIX)):
+        return None
+    parts = name[1 : -len(TMP_SUFFIX)].rsplit(".", 1)
+    return parts[0] if len(parts) == 2 and parts[0] else None
+
+
+def clean_temp(folder: str | os.PathLike, ours: Callable[[str], bool] | None = None) -> list[Path]:
+    """Delete the leftovers of interrupted `atomic_write`s in `folder`: every temp file whose target `ours(target)`
+    accepts (all temp files when `ours` is None)."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
     gone = []
     for p in folder.iterdir():
-        n = p.name
-        if not (n.startswith(".") and n.endswith(TMP_SUFFIX) and p.is_file()):
-            continue
-        if names is not None and not any(n.startswith(f".{t}.") for t in names):
+        target = temp_target(p.name)
+        if target is None or not p.is_file() or (ours is not None and not ours(target)):
             continue
         try:
             p.unlink()

@@ -30,6 +30,7 @@ STAGING_PREFIX = ".pmod-save-"
 COMMIT_NAME = "COMMIT.json"
 # The weight files of our layout: a save replaces every one of them that the new set does not hold.
 OWN_WEIGHTS = re.compile(r"model\.safetensors|model-\d{5}-of-\d{5}\.safetensors|model\.safetensors\.index\.json")
+OWN_FILES = {"config.json", "pmod_processor.json", "mm_projector.safetensors"}  # other files whose temp leftovers are ours
 
 
 @dataclass
@@ -92,7 +93,7 @@ def recover(folder: str | os.PathLike) -> None:
         _finish(p)
     for s in _stagings(folder):
         shutil.rmtree(s, ignore_errors=True)
-    clean_temp(folder)
+    clean_temp(folder, lambda target: bool(OWN_WEIGHTS.fullmatch(target)) or target in OWN_FILES)
 
 
 def commit_folder(folder: str | os.PathLike, write: Callable[[Path], tuple[list[str], list[str]]], what: str = "checkpoint") -> Path:

@@ -283,10 +283,11 @@ def _restore_optimizer_and_schedule(optimizer, scheduler, opt_state: dict, sched
     shape) from this run's config, so that a change allowed with --allow-config-change really takes effect. When
     nothing changed, the values are the checkpoint's own, bit for bit."""
     fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    if len(opt_state.get("param_groups", [])) != len(fresh):
-        raise CheckpointError(f"the checkpoint's optimizer has {len(opt_state.get('param_groups', []))} parameter group(s), "
-                              f"this run {len(fresh)}: not the same strategy / trainable set")
-    optimizer.load_state_dict(opt_state)
+    if opt_state is not None:  # None: accelerate (DeepSpeed / FSDP) restored the optimizer in its own format
+        if len(opt_state.get("param_groups", [])) != len(fresh):
+            raise CheckpointError(f"the checkpoint's optimizer has {len(opt_state.get('param_groups', []))} parameter "
+                                  f"group(s), this run {len(fresh)}: not the same strategy / trainable set")
+        optimizer.load_state_dict(opt_state)
     for g, f in zip(optimizer.param_groups, fresh):
         g.update(f)
     scheduler.last_epoch = int(sched_state["last_epoch"])
@@ -330,7 +331,7 @@ def load_checkpoint(accelerator, path: str | os.PathLike, fingerprint: dict[str,
     else:
         _scan_pickles(p)
         accelerator.load_state(str(p))  # DeepSpeed / FSDP parts only: nothing else is registered
-        opt_state = optimizer.state_dict()
+        opt_state = None
     _restore_optimizer_and_schedule(optimizer, scheduler, opt_state, load_tree(p, "scheduler"))
     strategy.load_state_dict(load_tree(p, "strategy"))
     if (p / "scaler.json").exists() and getattr(accelerator, "scaler", None) is not None:
