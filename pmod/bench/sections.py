@@ -157,11 +157,11 @@ def bench_hf_prefill(dense, hf, preset: Preset, device: str, warmup: int, reps: 
 
 
 class StepClock:
-    """A generate streamer that timestamps every new token: HF's `put` (whose first call is the prompt) and
-    pmod's callable form. On CUDA it synchronises first, so a stamp marks a token that exists."""
+    """A generate streamer (transformers' protocol, which both generates follow) that timestamps every new token:
+    the first `put` is the prompt, skipped. On CUDA it synchronises first, so a stamp marks a token that exists."""
 
-    def __init__(self, device: str, skip_first: bool):
-        self.cuda, self.skip, self.stamps = device.startswith("cuda"), skip_first, []
+    def __init__(self, device: str):
+        self.cuda, self.skip, self.stamps = device.startswith("cuda"), True, []
 
     def put(self, value) -> None:
         if self.skip:
@@ -170,8 +170,6 @@ class StepClock:
         if self.cuda:
             torch.cuda.synchronize()
         self.stamps.append(time.perf_counter())
-
-    __call__ = put
 
     def end(self) -> None:
         pass
@@ -216,13 +214,13 @@ def bench_hf_decode(dense, hf, preset: Preset, device: str, warmup: int, reps: i
     steps: dict[str, list[float]] = {"ours": [], "hf": [], **({"ours_graph": []} if graphs else {})}
 
     def ours(graph: bool = False):
-        clock = StepClock(device, skip_first=False)
+        clock = StepClock(device)
         out = generate(dense, ids, max_new_tokens=n, eos_token_id=[], streamer=clock, cuda_graph=graph)
         steps["ours_graph" if graph else "ours"].append(clock.step_ms)
         return out
 
     def theirs():
-        clock = StepClock(device, skip_first=True)
+        clock = StepClock(device)
         out = hf.generate(ids_dev, attention_mask=torch.ones_like(ids_dev), max_new_tokens=n, min_new_tokens=n,
                           do_sample=False, pad_token_id=pad, streamer=clock)[:, ids.shape[1]:]
         steps["hf"].append(clock.step_ms)
