@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 __all__ = ["main"]
 
@@ -13,6 +14,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (the checkpoint's)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--attn-backend", default="auto", choices=["auto", "sdpa", "flash", "eager"])
+    p.add_argument("--conv-template", help="conversation template (default: the checkpoint's, vicuna_v1 for p-MoD)")
+    p.add_argument("--system", help="system prompt (default: the template's)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -26,8 +29,38 @@ def _load(args):
     import pmod
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    processor = pmod.load_processor(args.model, template=args.conv_template)  # an unknown template fails first
+    if args.system is not None and not processor.template.system_format:
+        raise ValueError(f"--system: conversation template {processor.template.name!r} has no system prompt; "
+                         "pick another --conv-template (vicuna_v1, llava_v1, llama3, chatml)")
     model = pmod.from_pretrained(args.model, dtype=args.dtype, device=device, attn_backend=args.attn_backend)
-    return model, pmod.load_processor(args.model)
+    return model, processor
+
+
+class ContextError(ValueError):
+    """A prompt (with its images) plus the tokens to generate would not fit the model's context."""
+
+
+def _messages(args, turns: list[dict[str, str]]) -> list[dict[str, str]]:
+    return ([{"role": "system", "content": args.system}] if args.system is not None else []) + turns
+
+
+def _check_context(model, inputs: dict, max_new_tokens: int) -> None:
+    """Raise ContextError before the prefill when a row's merged length (text + image tokens) + max_new_tokens
+    exceeds the model's context (the bound `generate` enforces)."""
+    from pmod.packing import IMAGE_TOKEN_INDEX
+
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    counts = iter(model.image_token_counts(inputs["images"], inputs["image_sizes"]) if inputs["images"] is not None else [])
+    context = max(model.config.text.max_position_embeddings, model.config.model_max_length)
+    for row, m in zip(ids, mask):
+        real = row[m.bool()]
+        n_img = int((real == IMAGE_TOKEN_INDEX).sum())
+        vision = sum(next(counts) for _ in range(n_img))
+        n = int((real != IMAGE_TOKEN_INDEX).sum()) + vision
+        if n + max_new_tokens > context:
+            raise ContextError(f"the prompt is {n} tokens ({vision} of them its image's) and --max-new-tokens "
+                               f"{max_new_tokens} would take it past the model's context of {context} tokens")
 
 
 def _answer(model, processor, messages, images, args, out=None) -> tuple[str, str]:
@@ -38,6 +71,7 @@ def _answer(model, processor, messages, images, args, out=None) -> tuple[str, st
     from pmod.report import measure_efficiency
 
     inputs = processor(messages, images=images or None)
+    _check_context(model, inputs, args.max_new_tokens)
     printed = ""
     ids: list[int] = []
 
@@ -64,39 +98,146 @@ def _answer(model, processor, messages, images, args, out=None) -> tuple[str, st
 
 
 def cmd_generate(args) -> int:
+    if args.requests is not None:
+        return _generate_requests(args)
+    if args.prompt is None:
+        raise ValueError("give --prompt (one prompt, with its --image files) or --requests FILE.jsonl (a batch)")
     model, processor = _load(args)
     images = args.image or []
-    _, summary = _answer(model, processor, args.prompt, images, args)
+    _, summary = _answer(model, processor, _messages(args, [{"role": "user", "content": args.prompt}]), images, args)
     print(summary, file=sys.stderr)
     return 0
 
 
-def cmd_chat(args) -> int:
+def _read_requests(path: Path, image_folder: Path) -> list[dict]:
+    """Requests of a JSONL file, checked: {"prompt": str, "image": name or [names] (optional), "id": any (optional)}.
+    Image names are relative to `image_folder` and must stay inside it."""
+    import json
+
+    if not path.is_file():
+        raise FileNotFoundError(f"--requests {path}: no such file")
+    root = image_folder.resolve()
+    out = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+        if not line.strip():
+            continue
+        where = f"{path}, line {i + 1}"
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: not JSON ({e.msg})") from None
+        if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
+            raise ValueError(f'{where}: expected an object with a "prompt" string, got {line[:80]!r}')
+        names = rec.get("image", [])
+        names = [names] if isinstance(names, str) else names
+        if not isinstance(names, list) or not all(isinstance(x, str) and x for x in names):
+            raise ValueError(f'{where}: "image" must be a file name or a list of them, got {rec.get("image")!r}')
+        paths = [(root / x).resolve() for x in names]
+        outside = [x for x, p in zip(names, paths) if not p.is_relative_to(root)]
+        if outside:
+            raise ValueError(f"{where}: image {outside[0]!r} lies outside the image folder {root}")
+        out.append({"id": rec.get("id", len(out)), "prompt": rec["prompt"], "images": paths})
+    if not out:
+        raise ValueError(f"--requests {path}: no requests in the file")
+    return out
+
+
+def _generate_requests(args) -> int:
+    """`pmod generate --requests FILE.jsonl`: batched greedy (or sampled) answers, one JSON line per request on
+    stdout in the file's order; a summary per batch on stderr."""
+    import json
+
+    import torch
+
+    from pmod.report import measure_efficiency
+
+    if args.prompt is not None or args.image:
+        raise ValueError("--requests holds the prompts and images; do not combine it with --prompt / --image")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    path = Path(args.requests)
+    requests = _read_requests(path, Path(args.image_folder) if args.image_folder else path.parent)
     model, processor = _load(args)
-    images = list(args.image or [])
+    gen = torch.Generator(device=model.device).manual_seed(args.seed)
+    for i in range(0, len(requests), args.batch_size):
+        batch = requests[i : i + args.batch_size]
+        inputs = processor([_messages(args, [{"role": "user", "content": r["prompt"]}]) for r in batch],
+                           images=[r["images"] for r in batch])
+        _check_context(model, inputs, args.max_new_tokens)
+        t0 = time.perf_counter()
+        tokens = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+                                temperature=max(args.temperature, 1e-5), top_p=args.top_p, top_k=args.top_k,
+                                generator=gen)
+        dt = time.perf_counter() - t0
+        for r, answer in zip(batch, processor.batch_decode(tokens)):
+            print(json.dumps({"id": r["id"], "prompt": r["prompt"], "answer": answer}), flush=True)
+        layout = model.prepare(inputs["input_ids"], inputs["images"], inputs["image_sizes"], inputs["attention_mask"])[1]
+        eff = measure_efficiency(model.config, layout, None)
+        print(f"[requests {i + 1}-{i + len(batch)} of {len(requests)}, one batch: {eff.summary()}; {dt:.2f} s]",
+              file=sys.stderr)
+    return 0
+
+
+def _open_image(path: str):
+    """The image at `path`, decoded (PIL), or ValueError / FileNotFoundError naming the problem."""
+    from pmod.multimodal.images import load_image
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"no image file at {p}")
+    return load_image(p)
+
+
+def cmd_chat(args) -> int:
+    """LLaVA's chat: one image per conversation (`--image`, or `/image PATH`, which starts a new conversation)."""
+    model, processor = _load(args)
+    image = _open_image(args.image) if args.image else None
     history: list[dict[str, str]] = []
-    print("pmod chat — /image PATH adds an image, /reset clears the conversation, /quit exits", file=sys.stderr)
+    say = lambda s: print(s, file=sys.stderr, flush=True)
+    say("pmod chat — /image PATH starts a new conversation about that image, /reset starts one without, /quit exits")
+    if image is not None:
+        say(f"(a conversation about {args.image})")
     while True:
         try:
             line = input("USER: ").strip()
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):  # Ctrl-D / Ctrl-C at the prompt: leave quietly
+            print(file=sys.stderr)
             return 0
         if not line:
             continue
         if line in ("/quit", "/exit"):
             return 0
         if line == "/reset":
-            history, images = [], []
+            history, image = [], None
+            say("(new conversation, no image)")
             continue
-        if line.startswith("/image "):
-            images.append(line.split(" ", 1)[1].strip())
+        if line == "/image" or line.startswith("/image "):
+            path = line[len("/image"):].strip()
+            try:
+                if not path:
+                    raise ValueError("usage: /image PATH")
+                new = _open_image(path)
+            except (OSError, ValueError) as e:
+                say(f"error: {e}; the conversation goes on as it was")
+                continue
+            history, image = [], new
+            say(f"(new conversation about {path}: one image per conversation, as in LLaVA's chat)")
+            continue
+        if line.startswith("/"):
+            say(f"unknown command {line.split()[0]}: /image PATH, /reset or /quit")
             continue
         history.append({"role": "user", "content": line})
         print("ASSISTANT: ", end="", flush=True)
         try:
-            answer, summary = _answer(model, processor, history, images, args)
-        except ValueError as e:  # a bad image or an over-long conversation: say so, keep the session
-            print(f"\nerror: {e}", file=sys.stderr)
+            answer, summary = _answer(model, processor, _messages(args, history), [image] if image else [], args)
+        except ContextError as e:
+            print()
+            say(f"error: {e}; /reset starts a new conversation")
+            history.pop()
+            continue
+        except ValueError as e:  # a template that cannot render this turn, ...: say so, keep the session
+            print()
+            say(f"error: {e}")
             history.pop()
             continue
         print(summary, file=sys.stderr)
@@ -169,15 +310,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pmod", description="p-MoD multimodal models: run, train, evaluate, measure")
     sub = parser.add_subparsers(dest="cmd", required=True)
 
-    p = sub.add_parser("generate", help="answer one prompt about one or more images")
+    p = sub.add_parser("generate", help="answer one prompt about its images, or a JSONL file of requests (batched)",
+                       description="One prompt: --prompt with any number of --image files, all of them in that one "
+                                   "prompt, in order (before the question, unless it places them with <image>). "
+                                   "Several independent prompts: --requests FILE.jsonl, one "
+                                   '{"prompt": ..., "image": NAME or [NAMES], "id": ...} per line, answered in '
+                                   "batches of --batch-size; one JSON line per request on stdout.")
     _add_model_args(p)
-    p.add_argument("--image", action="append", help="image file (repeat for several)")
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--image", action="append", help="image file of the prompt (repeat: several images, one prompt)")
+    p.add_argument("--prompt", help="the question (with --image files), or use --requests")
+    p.add_argument("--requests", metavar="FILE.jsonl", help="a batch of requests, one JSON object per line")
+    p.add_argument("--image-folder", help="with --requests: the folder image names are relative to (default: the "
+                                          "file's folder; names may not lead outside it)")
+    p.add_argument("--batch-size", type=int, default=8, help="with --requests: requests per generate call")
     p.set_defaults(fn=cmd_generate)
 
-    p = sub.add_parser("chat", help="interactive multi-turn chat")
+    p = sub.add_parser("chat", help="interactive multi-turn chat about one image (LLaVA's CLI)")
     _add_model_args(p)
-    p.add_argument("--image", action="append", help="image(s) for the conversation")
+    p.add_argument("--image", help="the conversation's image (/image PATH in the session starts a new one)")
     p.set_defaults(fn=cmd_chat)
 
     p = sub.add_parser("flops", help="prefill FLOPs and KV cache of a config vs its dense twin",
