@@ -86,6 +86,7 @@ def test_a_registered_section_runs_and_is_reported(tmp_path, monkeypatch):
 
 def test_killed_run_keeps_its_finished_sections(tmp_path):
     """SIGKILL after the first section: results.json and results.md hold it, whole, and say the run is partial."""
+    import os
     import signal
     import subprocess
     import sys
@@ -110,6 +111,9 @@ def test_killed_run_keeps_its_finished_sections(tmp_path):
     assert "**Partial run**" in (out / "results.md").read_text()
     assert (out / "speedup.png").read_bytes()[:4] == b"\x89PNG"
     assert not list(out.glob(".*.tmp"))  # no half-written file left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out / "results.json").stat().st_mode & 0o777 == 0o666 & ~umask  # as open() makes files, not 0600
 
 
 def test_prefill_bookkeeping(tiny_run):
