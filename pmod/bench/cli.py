@@ -110,8 +110,10 @@ def write_outputs(res: dict, out: Path) -> None:
         preset = PRESETS.get(m["preset"])
         ideal = ({r["n_vision"]: ideal_curve(preset, r["n_vision"] // preset.config().vision.num_patches)
                   for r in res["prefill"]} if preset is not None else None)
+        share = (m.get("others_cpu_share") or {}).get("prefill")
         note = (f"{m['device_name']}, {m['threads']} thread(s), {m['dtype']}, torch {m['torch']}; {m['date']}, "
-                f"commit {m.get('commit')}; median of {m['reps']} interleaved repetitions")
+                f"commit {m.get('commit')}; median of {m['reps']} interleaved repetitions"
+                + (f"; other processes took {100 * share:.0f} % of the CPU" if share and m["gpu"] is None else ""))
         plot_speedup(res["prefill"], out / "speedup.png", ideal=ideal, note=note,
                      title=f"pmod bench, preset {m['preset']}: p-MoD prefill speed-up over dense")
 
