@@ -136,6 +136,9 @@ def _read_requests(path: Path, image_folder: Path) -> list[dict]:
         outside = [x for x, p in zip(names, paths) if not p.is_relative_to(root)]
         if outside:
             raise ValueError(f"{where}: image {outside[0]!r} lies outside the image folder {root}")
+        missing = [x for x, p in zip(names, paths) if not p.is_file()]
+        if missing:  # found before any model is loaded, not halfway through the answers
+            raise FileNotFoundError(f"{where}: no image file {missing[0]!r} in {root}")
         out.append({"id": rec.get("id", len(out)), "prompt": rec["prompt"], "images": paths})
     if not out:
         raise ValueError(f"--requests {path}: no requests in the file")

@@ -93,7 +93,7 @@ def test_killed_run_keeps_its_finished_sections(tmp_path):
 
     out = tmp_path / "bench"
     cmd = [sys.executable, "-m", "pmod.bench", "--preset", "tiny", "--device", "cpu", "--threads", "1",
-           "--reps", "40", "--output", str(out)]
+           "--reps", "25", "--output", str(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         for line in proc.stderr:

@@ -120,6 +120,9 @@ def test_generate_requests_errors_are_named(checkpoint, tmp_path, capsys):
     path.write_text(json.dumps({"prompt": "hi", "image": "../outside.png"}) + "\n")
     rc, _, err = _generate(capsys, checkpoint, "--requests", str(path))
     assert rc == 2 and "'../outside.png' lies outside the image folder" in err
+    path.write_text(json.dumps({"prompt": "hi", "image": "nope.png"}) + "\n")
+    rc, _, err = _generate(capsys, checkpoint, "--requests", str(path))
+    assert rc == 2 and "r.jsonl, line 1: no image file 'nope.png'" in err
     path.write_text('{"prompt": "hi"}\n{"question": "no prompt"}\n')
     rc, _, err = _generate(capsys, checkpoint, "--requests", str(path))
     assert rc == 2 and "r.jsonl, line 2" in err and '"prompt" string' in err
