@@ -51,7 +51,7 @@ PRESETS: dict[str, Preset] = {
         "cpu", dict(_LLAMA, hidden_size=512, intermediate_size=1376, num_attention_heads=8), torch.float32,
         warmup=1, reps=5,  # a shared 2-vCPU VM drifts by ~5 % between runs: 5 interleaved rounds, medians
         # --quick: <= 4 min on a 2-core machine (BENCHMARKS.md); the 2880-token prompt in prefill and decode only
-        quick=dict(reps=2, sweep=(0.25,), sweep_images=(1,), decode_steps=8, hf_new_tokens=9, batch_new_tokens=4,
+        quick=dict(reps=2, sweep=(0.25,), sweep_images=(1,), decode_steps=4, hf_new_tokens=9, batch_new_tokens=4,
                    hf_images=(1,), packed_images=(0, 1)),
     ),
     "gpu-7b": Preset(
