@@ -16,7 +16,8 @@ models so that drift hits them alike; median and min over `reps` after `warmup` 
 * decode: `steps` greedy `decode_step`s at batch 1 and 8 over a prefilled cache (eos plays no part);
   tokens/s = B * steps / time; the batch-8 cache is 8 copies of one prefilled row (decode cost depends on
   lengths only). KV bytes are read from the cache (`PmodCache.nbytes`), text included and vision only.
-* against transformers: our decoder vs `LlamaModel` prefill (same inputs_embeds, SDPA); our
+* against transformers: our decoder vs `LlamaModel` prefill (same inputs_embeds, SDPA; at the preset's
+  `hf_images` prompt sizes, default all; `--quick` on the cpu preset: 576 tokens only); our
   `pmod.generate.generate` vs `LlamaForCausalLM.generate(min_new_tokens=n)` at batch 1, per decode step as
   (stamp of the n-th new token - stamp of the 1st) / (n - 1), stamped by a streamer, so each side's own
   prefill is excluded (a 634-token text prompt: LLaVA-1.5's length).
