@@ -237,8 +237,11 @@ def plot_speedup(prefill_rows: list[dict], path: Path, ideal: dict[int, list[tup
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, frameon=False)
     if note:
+        import textwrap
+
+        note = "\n".join(textwrap.wrap(note, 150))
         fig.text(0.01, 0.01, note, fontsize=7, color="0.35", ha="left", va="bottom")
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.tight_layout(rect=(0, 0.025 * (1 + note.count("\n")) if note else 0, 1, 1))
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
