@@ -30,7 +30,7 @@ from pmod.schedule import kept_count
 __all__ = [
     "CONVENTIONS", "KV_CONVENTIONS", "FlopReport", "KVReport", "linear_flops", "attention_flops",
     "layer_linear_macs", "tokens_per_layer", "decoder_flops_from_tokens", "vision_flops", "projector_flops",
-    "count_flops", "kv_cache_bytes", "format_table",
+    "count_flops", "kv_cache_bytes", "format_table", "format_flops", "flops_unit", "image_tokens",
 ]
 
 CONVENTIONS = {
@@ -42,6 +42,36 @@ KV_CONVENTIONS = ("paper", "paper_int", "complete")
 _CLIP = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_channels=3, image_size=224,
              patch_size=32)
 Counts = int | Sequence[int]
+_UNITS = (("TFLOPs", 1e12), ("GFLOPs", 1e9))
+
+
+def flops_unit(x: float) -> tuple[str, float]:
+    """(name, scale): TFLOPs from 1e12 on (7B shapes), GFLOPs below (a tiny model shows 0.81 GFLOPs, not 0.00)."""
+    return next(((n, s) for n, s in _UNITS if abs(x) >= s), _UNITS[-1])
+
+
+def format_flops(x: float, unit: str | None = None, digits: int = 2) -> str:
+    """'8.38 TFLOPs', '812.45 GFLOPs': `x` FLOPs in `unit` (default: `flops_unit(x)`)."""
+    name, scale = flops_unit(x) if unit is None else next((n, s) for n, s in _UNITS if n == unit)
+    return f"{x / scale:.{digits}f} {name}"
+
+
+def image_tokens(config: PmodConfig, image_size_wh: tuple[int, int] | None = None, images: int = 1) -> tuple[int, int]:
+    """(vision tokens, S×S tower inputs) of `images` images as the model lays them out. pad / square: P = (S/p)²
+    tokens and one tower input per image, whatever its size. anyres: the tokens of an image of `image_size_wh`
+    (default: the largest grid pinpoint, e.g. 672×672 -> 2928 at LLaVA-NeXT-7B) over 1 + grid crops."""
+    if images < 0:
+        raise ValueError(f"images must be >= 0, got {images}")
+    v = config.vision
+    if config.image_aspect_ratio != "anyres":
+        return images * v.num_patches, images
+    from pmod.multimodal.anyres import anyres_num_tokens, grid_shape
+
+    pins = config.image_grid_pinpoints
+    size = tuple(image_size_wh) if image_size_wh else tuple(max(pins, key=lambda wh: wh[0] * wh[1]))
+    gw, gh = grid_shape(size, pins, v.image_size)
+    n = anyres_num_tokens(size, pins, v.image_size, v.image_size // v.patch_size, config.mm_patch_merge_type)
+    return images * n, images * (1 + gw * gh)
 
 
 def linear_flops(n: int, d_in: int, d_out: int) -> int:
@@ -165,10 +195,12 @@ class FlopReport:
         return self.total / self.dense_total
 
     def summary(self) -> str:
-        parts = ", ".join(f"{k} {getattr(self, k) / 1e12:.4f}" for k in ("decoder", "lm_head", "vision",
+        unit, scale = flops_unit(self.dense_total)
+        parts = ", ".join(f"{k} {getattr(self, k) / scale:.4f}" for k in ("decoder", "lm_head", "vision",
                                                                           "projector", "decode"))
-        return (f"{self.total / 1e12:.2f} TFLOPs = {100 * self.ratio:.1f} % of dense {self.dense_total / 1e12:.2f}"
-                f" TFLOPs [convention {CONVENTIONS[self.convention]}; batch {self.batch}; TFLOPs: {parts}]")
+        return (f"{format_flops(self.total, unit)} = {100 * self.ratio:.1f} % of dense "
+                f"{format_flops(self.dense_total, unit)} [convention {CONVENTIONS[self.convention]}; batch "
+                f"{self.batch}; {unit}: {parts}]")
 
     __str__ = summary
 
@@ -290,13 +322,19 @@ def kv_cache_bytes(
 
 
 def format_table(report: FlopReport, dense_report: FlopReport | None = None) -> str:
-    """A markdown table of TFLOPs by part, p-MoD against dense (default `report.dense`), naming the convention."""
+    """A markdown table of FLOPs by part, p-MoD against dense (default `report.dense`), naming the convention; one
+    unit for the table, the one that shows the dense total as at least 1 (TFLOPs at 7B shapes, GFLOPs when tiny)."""
     dense = dense_report or report.dense or report
     rows = [("vision tower", "vision"), ("projector", "projector"), ("decoder layers", "decoder"),
             ("lm_head", "lm_head"), ("decode steps (within the above)", "decode"), ("total", "total")]
+    unit, scale = flops_unit(dense.total)
     lines = [f"FLOPs, convention {CONVENTIONS[report.convention]}, batch {report.batch}", "",
-             "| part | p-MoD TFLOPs | dense TFLOPs | ratio |", "|---|---:|---:|---:|"]
+             f"| part | p-MoD {unit} | dense {unit} | ratio |", "|---|---:|---:|---:|"]
+    skipped = [name for name, key in rows if key != "total" and not getattr(report, key) and not getattr(dense, key)]
     for name, key in rows:
         a, b = getattr(report, key), getattr(dense, key)
-        lines.append(f"| {name} | {a / 1e12:.4f} | {b / 1e12:.4f} | {f'{100 * a / b:.1f} %' if b else '-'} |")
+        if name not in skipped:
+            lines.append(f"| {name} | {a / scale:.4f} | {b / scale:.4f} | {f'{100 * a / b:.1f} %' if b else '-'} |")
+    if skipped:
+        lines += ["", "not counted: " + ", ".join(n.removesuffix(" (within the above)") for n in skipped)]
     return "\n".join(lines)

@@ -5,7 +5,7 @@ its own positions and cache lengths, so a batch's outputs equal its members' run
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
@@ -31,7 +31,7 @@ def generate(
     pad_token_id: int | None = None,
     stop_strings: Sequence[str] | None = None,
     tokenizer=None,
-    streamer: Callable[[torch.Tensor], None] | None = None,
+    streamer=None,
     generator: torch.Generator | None = None,
     return_cache: bool = False,
     cuda_graph: bool = False,
@@ -39,7 +39,11 @@ def generate(
     """Returns new tokens [B, n_new] (pad_token_id after a row finishes); with `return_cache`, also the cache.
 
     A row finishes at an EOS token (default: the config's) or when its text ends with one of
-    `stop_strings` (needs `tokenizer`). `streamer(tokens [B])` is called with each step's tokens.
+    `stop_strings` (needs `tokenizer`). `streamer` follows transformers' protocol when it has `put` / `end`
+    (`transformers.TextStreamer(tokenizer, skip_prompt=True)` prints the answer as it comes): `put(prompt ids)`
+    first, then `put(tokens [B])` after each step, `end()` once at the end; the prompt holds no image placeholder
+    (batch 1: those positions and the padding left out; batch > 1: [B, T] with them as `pad_token_id`). Any other
+    callable is called as `streamer(tokens [B])` after each step.
     `cuda_graph=True` (CUDA, SDPA or eager attention) replays each decode step from one captured graph
     (`pmod.cudagraph.GraphedDecode`): the same tokens, without the per-kernel launch cost of the host.
     """
@@ -65,6 +69,7 @@ def generate(
         eos_t = torch.tensor(eos, dtype=torch.long, device=logits.device)
         finished = torch.zeros(B, dtype=torch.bool, device=logits.device)
         steps: list[torch.Tensor] = []
+        stream = _streamer(streamer, input_ids, attention_mask, pad)
         graph = None
         if cuda_graph and max_new_tokens > 1:
             from pmod.cudagraph import GraphedDecode
@@ -76,8 +81,8 @@ def generate(
             chosen = choose(logits)  # [B]
             nxt = torch.where(finished, pad, chosen)  # finished rows show padding ...
             steps.append(nxt)
-            if streamer is not None:
-                streamer(nxt)
+            if stream is not None:
+                stream(nxt)
             finished = finished | torch.isin(nxt, eos_t)
             if stop_strings:
                 finished = finished | _hit_stop(torch.stack(steps, 1), tokenizer, stop_strings).to(finished.device)
@@ -92,6 +97,8 @@ def generate(
             graph.close()
         if bool(bad):
             _raise_nonfinite(logits, len(steps) - 1)
+        if hasattr(streamer, "end"):
+            streamer.end()
     tokens = torch.stack(steps, dim=1)
     return (tokens, cache) if return_cache else tokens
 
@@ -101,6 +108,26 @@ def _raise_nonfinite(logits: torch.Tensor, step: int) -> None:
     rows = nonfinite_rows(logits)
     raise NonFiniteError(f"non-finite logits (NaN/Inf) at generation step {step} in row(s) {rows or '?'}: the model's "
                              f"weights, pixel values or cache hold NaN/Inf (from_pretrained checks weights as it reads them)")
+
+
+def _streamer(streamer, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, pad: int):
+    """The per-step call of `streamer`: transformers' `put` (after it has been given the prompt) or the callable."""
+    if streamer is None:
+        return None
+    if not hasattr(streamer, "put"):
+        return streamer
+    from pmod.packing import IMAGE_TOKEN_INDEX
+
+    ids = input_ids.cpu()
+    if ids.shape[0] == 1:  # [1, T']: the text of the prompt
+        keep = ids[0] != IMAGE_TOKEN_INDEX
+        if attention_mask is not None:
+            keep &= attention_mask[0].cpu().bool()
+        ids = ids[:, keep]
+    else:
+        ids = torch.where(ids == IMAGE_TOKEN_INDEX, pad, ids)
+    streamer.put(ids)
+    return lambda tokens: streamer.put(tokens.cpu())
 
 
 def _hit_stop(tokens: torch.Tensor, tokenizer, stop_strings: Sequence[str]) -> torch.Tensor:

@@ -9,10 +9,12 @@ from dataclasses import dataclass
 
 from pmod.cache import PmodCache
 from pmod.config import PmodConfig
-from pmod.flops import count_flops
+from pmod.flops import count_flops, flops_unit, format_flops
 from pmod.packing import Layout
 
-__all__ = ["Efficiency", "measure_efficiency"]
+__all__ = ["CONVENTION", "Efficiency", "measure_efficiency"]
+
+CONVENTION = "FLOPs: complete convention, decoder + lm_head, vision tower not counted"
 
 
 @dataclass
@@ -41,10 +43,12 @@ class Efficiency:
 
     def summary(self) -> str:
         stages = _stages(self.kept_per_layer)
+        unit = flops_unit(self.tflops_dense * 1e12)[0]
         return (
             f"vision tokens {self.n_vision}, kept per stage {stages}, "
             f"KV {self.kv_bytes / 2**20:.2f} MiB vs dense {self.kv_bytes_dense / 2**20:.2f} MiB ({100 * self.kv_ratio:.1f} %), "
-            f"prefill {self.tflops:.4g} TFLOPs vs dense {self.tflops_dense:.4g} ({100 * self.flops_ratio:.1f} %)"
+            f"prefill {format_flops(self.tflops * 1e12, unit, 3)} vs dense {format_flops(self.tflops_dense * 1e12, unit, 3)} "
+            f"({100 * self.flops_ratio:.1f} %; {CONVENTION})"
         )
 
 

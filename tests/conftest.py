@@ -1,21 +1,19 @@
 """Shared test fixtures: paths to the official reference fixtures and tiny configs."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("PMOD_SHARED", REPO.parent / "shared"))
-OFFICIAL = SHARED / "fixtures" / "official-pmod-tiny"
+OFFICIAL = REPO / "tests" / "fixtures" / "official-pmod-tiny"  # the official code's outputs; see its PROVENANCE.md
 
 
 @pytest.fixture(scope="session")
 def official_dir() -> Path:
-    if not OFFICIAL.is_dir():
-        pytest.fail(f"official fixtures not found at {OFFICIAL}; set PMOD_SHARED to the shared/ folder")
+    if not (OFFICIAL / "manifest.json").is_file():
+        pytest.fail(f"official fixtures missing at {OFFICIAL} (they are part of the repository)")
     return OFFICIAL
 
 

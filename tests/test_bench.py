@@ -47,6 +47,75 @@ def test_outputs_and_last_line_json(tiny_run):
     assert set(bench.SECTIONS) <= set(res) and res["meta"]["routing_nontrivial"] is True
 
 
+def test_every_section_ticks_its_declared_calls(tiny_run):
+    """Each section's progress bar is as long as the calls it makes (`Section.calls` is kept honest)."""
+    res = tiny_run[0]
+    assert res["meta"]["complete"] is True and res["meta"]["finished"] == list(bench.SECTIONS)
+    assert all(done == total > 0 for done, total in res["meta"]["progress"].values()), res["meta"]["progress"]
+
+
+def test_plot_has_an_ideal_curve_over_constant_ratios():
+    """The ideal line does not depend on the sweep a run measured: 20 constant ratios at the cpu preset's shapes,
+    rising as fewer tokens are kept, 1 at ratio 1 but for the routers' own matmuls."""
+    curve = bench.ideal_curve(bench.PRESETS["cpu"], 1)
+    assert len(curve) == 20 and curve[-1][0] == 1.0 and curve[-1][1] == pytest.approx(1.0, abs=1e-3)
+    speedups = [s for _, s in sorted(curve)]
+    assert all(a >= b for a, b in zip(speedups, speedups[1:])) and speedups[0] > 2.5
+
+
+def test_a_registered_section_runs_and_is_reported(tmp_path, monkeypatch):
+    """A new section slots in through the registry: it runs after the built-ins, ticks its bar, lands in
+    results.json and results.md (a generic block when it has no formatter)."""
+    from pmod.bench import registry
+    from pmod.bench.timing import time_interleaved
+
+    def extra(ctx):
+        t = time_interleaved({"a": lambda: 1, "b": lambda: 2}, ctx.device, ctx.warmup, ctx.reps)
+        return {"calls": {k: len(v.times_ms) for k, v in t.items()}, "layers": len(ctx.dense.language_model.layers)}
+
+    monkeypatch.setitem(registry._REGISTRY, "extra", bench.Section("extra", extra, lambda c: 2 * c.rounds))
+    assert bench.section_names("cpu")[-1] == "extra"
+    seen = []
+    res = bench.run_benchmark(bench.resolve_preset("tiny"), "cpu", ["batching", "extra"], log=lambda s: None,
+                              on_section=lambda r: seen.append(list(r["meta"]["finished"])), progress=False)
+    assert seen == [["batching"], ["batching", "extra"]]
+    assert res["extra"] == {"calls": {"a": 1, "b": 1}, "layers": 4} and res["meta"]["progress"]["extra"] == [2, 2]
+    bench.write_markdown(res, tmp_path / "results.md")
+    assert "## extra" in (tmp_path / "results.md").read_text()
+
+
+def test_killed_run_keeps_its_finished_sections(tmp_path):
+    """SIGKILL after the first section: results.json and results.md hold it, whole, and say the run is partial."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "bench"
+    cmd = [sys.executable, "-m", "pmod.bench", "--preset", "tiny", "--device", "cpu", "--threads", "1",
+           "--reps", "25", "--output", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stderr:
+            if "prefill done" in line:
+                proc.send_signal(signal.SIGKILL)
+                break
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    res = json.loads((out / "results.json").read_text())
+    assert res["meta"]["complete"] is False and res["meta"]["finished"][0] == "prefill"
+    assert len(res["meta"]["finished"]) < len(bench.SECTIONS) and "packing" not in res
+    assert len(res["prefill"]) == 5 and {c["name"] for c in res["checks"]} >= {"prefill_vs_ideal@9"}
+    assert "**Partial run**" in (out / "results.md").read_text()
+    assert (out / "speedup.png").read_bytes()[:4] == b"\x89PNG"
+    assert not list(out.glob(".*.tmp"))  # no half-written file left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out / "results.json").stat().st_mode & 0o777 == 0o666 & ~umask  # as open() makes files, not 0600
+
+
 def test_prefill_bookkeeping(tiny_run):
     res = tiny_run[0]
     preset = bench.PRESETS["tiny"]

@@ -24,18 +24,63 @@ def test_shipped_checkpoints_are_a_pmod_model_and_its_dense_twin():
         assert (ckpt / "model.safetensors").stat().st_size < 16 * 2**20
 
 
-def test_demo_on_the_shipped_checkpoints(tmp_path, capsys):
+def _run_in_terminal(argv: list[str], cols: int = 120, timeout: float = 600) -> str:
+    """Run a command under a pseudo-terminal `cols` wide (as a user's shell would) and return what it wrote."""
+    import fcntl
+    import os
+    import pty
+    import select
+    import struct
+    import termios
+    import time
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: exec at once
+        os.execv(sys.executable, [sys.executable, *argv])
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 40, cols, 0, 0))
+    out, end = b"", time.monotonic() + timeout
+    while time.monotonic() < end:
+        if select.select([fd], [], [], 1)[0]:
+            try:
+                data = os.read(fd, 65536)
+            except OSError:  # the child closed the terminal
+                break
+            if not data:
+                break
+            out += data
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, out.decode(errors="replace")[-3000:]
+    return out.decode("utf-8", errors="replace")
+
+
+def test_demo_on_the_shipped_checkpoints(tmp_path):
+    """`pmod demo` in a terminal: progress bars vanish before any line is printed (each line, as the terminal shows
+    it, is whole), the fresh answers of both models are marked right or wrong, the routing map names its question
+    and both answers."""
     out = tmp_path / "demo"
-    assert main(["demo", "--output", str(out), "--n-test", "24", "--fresh", "2", "--focus-samples", "4", "--seed", "5",
-                 "--captions", "8"]) == 0
+    raw = _run_in_terminal(["-m", "pmod.cli", "demo", "--output", str(out), "--n-test", "24", "--fresh", "3",
+                            "--focus-samples", "4", "--seed", "5", "--captions", "8"])
+    shown = [seg.rstrip("\r").split("\r")[-1] for seg in raw.split("\n")]  # what each terminal row ends up showing
+    assert not [s for s in shown if "%|" in s or "batch/s" in s], shown
+    assert "p-MoD reaches" in raw and "Routing map saved" in raw
+    assert sum(s.startswith("      truth ") and s.count("✓") + s.count("✗") == 2 for s in shown) == 3
     summary = json.loads((out / "demo.json").read_text())
-    assert set(summary["accuracy"]) == {"p-MoD", "dense"}
+    assert set(summary["accuracy"]) == {"p-MoD", "dense"} and set(summary["fresh_right"]) == {"p-MoD", "dense"}
+    assert any(f"right: p-MoD {summary['fresh_right']['p-MoD']} of 3" in s for s in shown)
     assert summary["flops_ratio"] < 0.6 and summary["kv_ratio"] < 0.75
     for scores in summary["captions"].values():  # the shipped models describe scenes well above chance
         assert set(scores) == {"size", "color", "shape", "count"} and scores["count"] > 0.5 and scores["color"] > 0.5
-    assert (out / "routing_map.png").stat().st_size > 0 and (out / "demo.md").exists()
-    text = capsys.readouterr().out
-    assert "p-MoD reaches" in text and "Routing map saved" in text
+    sample = summary["sample"]
+    assert sample["question"] and set(sample["answers"]) == {"p-MoD", "dense"}
+    assert (out / "routing_map.png").read_bytes()[:4] == b"\x89PNG" and (out / "demo.md").exists()
+
+
+def test_demo_bars_stay_out_of_logs(capsys):
+    """Where stderr is not a terminal (a log, a pipe) the demo draws no bars: no carriage returns in the file."""
+    from pmod.demo import _bar
+
+    bar = _bar(range(3), "x")
+    assert bar.disable and list(bar) == [0, 1, 2] and "\r" not in capsys.readouterr().err
 
 
 def test_training_script_end_to_end(tmp_path):

@@ -193,3 +193,63 @@ def test_errors():
         kv_cache_bytes(PAPER, 576, 58, convention="bytes")
     with pytest.raises(ValueError, match="need 32 entries"):
         decoder_flops_from_tokens(PAPER, [1, 2])
+
+
+# ---------------------------------------------------------------------------------------------- `pmod flops`
+def _flops_cli(capsys, folder, *argv) -> tuple[int, str, str]:
+    from pmod.cli import main
+
+    rc = main(["flops", "--model", str(folder), *argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_cli_flops_defaults_come_from_the_config(tmp_path, capsys):
+    """LLaVA-1.5 shapes: 576 vision tokens from 336 px / 14 with no --n-vision; the paper's 4.92 / 8.38 TFLOPs."""
+    PAPER.save(tmp_path)
+    rc, out, _ = _flops_cli(capsys, tmp_path)
+    assert rc == 0 and "576 vision tokens" in out and "+ 58 text tokens = 634" in out
+    assert "4.92 TFLOPs = 58.8 % of dense 8.38 TFLOPs [convention paper" in out
+
+
+def test_cli_flops_anyres_counts_the_grid(tmp_path, capsys):
+    """LLaVA-NeXT shapes: the largest pinpoint (672x672) gives 2928 tokens (576 base + 48·49), 39.46 TFLOPs dense;
+    another image size gives the count the model would lay out."""
+    from pmod.multimodal import NEXT_GRIDS, anyres_num_tokens, pinpoints_from_grids
+
+    pins = pinpoints_from_grids(NEXT_GRIDS[4], 336)
+    PAPER.replace(image_aspect_ratio="anyres", mm_patch_merge_type="spatial_unpad", image_grid_pinpoints=pins).save(tmp_path)
+    rc, out, _ = _flops_cli(capsys, tmp_path)
+    assert rc == 0 and "2928 vision tokens (1 image(s) of 672x672 px" in out and "39.46 TFLOPs" in out
+    rc, out, _ = _flops_cli(capsys, tmp_path, "--image-size", "500x300", "--images", "2")
+    assert f"{2 * anyres_num_tokens((500, 300), pins, 336, 24)} vision tokens" in out
+
+
+def test_cli_flops_complete_with_vision_per_part(tmp_path, capsys):
+    """--include-vision adds the tower and projector rows; the total is count_flops' with include_vision."""
+    PAPER.save(tmp_path)
+    rc, out, _ = _flops_cli(capsys, tmp_path, "--convention", "complete", "--include-vision")
+    r = count_flops(PAPER, 576, 58, "complete", include_vision=True)
+    assert rc == 0 and "| vision tower |" in out and "| projector |" in out
+    assert f"| total | {r.total / 1e12:.4f} | {r.dense_total / 1e12:.4f} |" in out
+    assert "convention complete" in out.splitlines()[-2]  # the summary line names its convention
+    rc, _, err = _flops_cli(capsys, tmp_path, "--include-vision")
+    assert rc == 2 and "--convention complete" in err
+
+
+def test_cli_flops_small_model_in_gflops_and_context_warning(tmp_path, capsys):
+    cfg = PmodConfig(text=TextConfig(**TINY_TEXT, max_position_embeddings=256), vision=VisionConfig(clip=TINY_CLIP),
+                     model_max_length=256)
+    cfg.save(tmp_path)
+    rc, out, err = _flops_cli(capsys, tmp_path)
+    assert rc == 0 and "GFLOPs" in out and "TFLOPs" not in out and "0.00 " not in out.splitlines()[-3]
+    assert "warning" not in err
+    rc, out, err = _flops_cli(capsys, tmp_path, "--n-text", "300")
+    assert rc == 0 and "warning: 325 tokens exceed the model's context of 256 tokens" in err
+
+
+def test_generate_summary_names_the_convention():
+    from pmod.report import Efficiency
+
+    line = Efficiency(9, 5, [9, 9, 4], 1000, 2000, 1.2e-4, 2e-4).summary()
+    assert "0.120 GFLOPs vs dense 0.200 GFLOPs" in line and "complete convention" in line

@@ -46,6 +46,53 @@ def test_streamer_sees_every_step():
     assert torch.equal(torch.stack(seen, 1), out)
 
 
+def test_transformers_streamer_protocol():
+    """put(prompt) first (the text of the prompt: no image placeholder, no padding), then put(tokens [B]) per step,
+    end() once; at batch > 1 the prompt keeps its [B, T] shape with placeholders as padding."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class Recorder(BaseStreamer):
+        def __init__(self):
+            self.puts, self.ends = [], 0
+
+        def put(self, value):
+            self.puts.append(value)
+
+        def end(self):
+            self.ends += 1
+
+    model = tiny_model(layers=3)
+    ids, mask, n = make_batch([(3, 1, 2)], side="left")
+    rec = Recorder()
+    out = model.generate(input_ids=ids, images=torch.randn(n, 3, 42, 42), attention_mask=mask, max_new_tokens=4,
+                         eos_token_id=[], streamer=rec)
+    assert torch.equal(rec.puts[0], ids[:, ids[0] >= 0]) and rec.ends == 1
+    assert torch.equal(torch.stack(rec.puts[1:], 1), out)
+    ids, mask, n = make_batch(ROWS, side="left")
+    rec = Recorder()
+    out = model.generate(input_ids=ids, images=torch.randn(n, 3, 42, 42), attention_mask=mask, max_new_tokens=3,
+                         eos_token_id=[], pad_token_id=0, streamer=rec)
+    assert rec.puts[0].shape == ids.shape and (rec.puts[0] >= 0).all() and len(rec.puts) == 4
+
+
+def test_text_streamer_prints_the_answer(capsys):
+    """`generate(streamer=transformers.TextStreamer(tokenizer))`, as LLaVA's CLI uses it: the printed text is the
+    decoded answer (skip_prompt=True), or the prompt's text and then the answer (skip_prompt=False)."""
+    from conftest import tiny_tokenizer
+    from transformers import TextStreamer
+
+    tok = tiny_tokenizer([f"w{i}" for i in range(93)])  # every one of the model's 97 ids decodes
+    model = tiny_model(layers=3)
+    ids, _, n = make_batch([(3, 1, 2)])
+    pix = torch.randn(n, 3, 42, 42)
+    out = model.generate(input_ids=ids, images=pix, max_new_tokens=6, eos_token_id=[],
+                         streamer=TextStreamer(tok, skip_prompt=True))
+    assert capsys.readouterr().out == tok.decode(out[0]) + "\n"
+    model.generate(input_ids=ids, images=pix, max_new_tokens=6, eos_token_id=[], streamer=TextStreamer(tok))
+    printed = capsys.readouterr().out
+    assert printed.startswith(tok.decode(ids[0, ids[0] >= 0])) and printed.rstrip().endswith(tok.decode(out[0]))
+
+
 def test_sampling_is_reproducible_with_a_generator():
     model = tiny_model(layers=3)
     ids, _, n = make_batch([(3, 1, 2)])

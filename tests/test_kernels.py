@@ -130,14 +130,17 @@ def test_argument_errors_name_the_values():
 
 def test_pyproject_installs_kernels_as_pmod_kernels_and_every_package():
     """kernels/ ships as `pmod_kernels`, never as top-level `kernels` (Hugging Face's kernel hub on PyPI); since the
-    rename forces an explicit package list, every folder of .py files under pmod/ must be on it."""
+    rename forces an explicit package list, every folder of .py files under pmod/ must be on it (and the data-only
+    packages of package-data, else setuptools warns)."""
     import tomllib
 
     repo = Path(__file__).parents[1]
     st = tomllib.loads((repo / "pyproject.toml").read_text())["tool"]["setuptools"]
     assert st.get("package-dir") == {"pmod_kernels": "kernels"}, st.get("package-dir")
     on_disk = {".".join(p.parent.relative_to(repo).parts) for p in (repo / "pmod").rglob("*.py")}
-    assert set(st.get("packages", [])) == on_disk | {"pmod_kernels"}, "pyproject [tool.setuptools] packages is stale"
+    data_only = set(st.get("package-data", {})) - on_disk
+    assert data_only == {"pmod.assets"}, data_only
+    assert set(st.get("packages", [])) == on_disk | data_only | {"pmod_kernels"}, "pyproject [tool.setuptools] packages is stale"
     assert Path(pk.__file__).parent.name in ("kernels", "pmod_kernels")
 
 

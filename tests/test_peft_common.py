@@ -113,3 +113,28 @@ def test_routers_are_never_adapted_and_train_with_the_projector_by_default(name,
     model, strategy, _ = prepared(name, also_train=[], **options)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {n for n, p in strategy.adapter_params(model).items()}
+
+
+def test_bitsandbytes_kernel_probe_filter():
+    """pmod.peft drops bitsandbytes' one message about the `kernels` hub package, and only that one."""
+    import logging
+
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    record = lambda msg: logging.LogRecord(logger.name, logging.WARNING, __file__, 1, msg, None, None)
+    assert not logger.filter(record("Failed to load CPU gemm_4bit_forward from kernels-community: No module named "
+                                    "'kernels'. Please make sure you already `pip install kernels`"))
+    assert logger.filter(record("something else went wrong"))
+
+
+@pytest.mark.slow
+def test_bitsandbytes_kernel_probe_is_silenced():
+    """Importing peft (it imports bitsandbytes) after pmod.peft prints nothing about the `kernels` hub package; the
+    same import without pmod.peft shows that the message exists on this machine (else there is nothing to test)."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("bitsandbytes")
+    run = lambda code: subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300).stderr
+    if "kernels-community" not in run("import peft"):
+        pytest.skip("bitsandbytes logs no kernels probe on this CPU")
+    assert "kernels-community" not in run("import pmod.peft, peft")

@@ -72,3 +72,32 @@ def test_only_adapters_and_always_trained_roles_move():
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     for k, v in model.state_dict().items():
         assert torch.equal(v, w0[k]) == (k not in trainable), k  # frozen: bitwise still; trainable: moved
+
+
+def test_default_rank_is_sized_to_the_decoder(tmp_path):
+    """r = 64 (LLaVA's) from 1024 wide up; on the 64-wide tiny decoder r = 4, not 64 (which would train as many
+    parameters as the linears it adapts); the saved strategy records the r that trained and reloads with it."""
+    from pmod.peft.lora import default_rank
+
+    assert [default_rank(d) for d in (4096, 1024, 512, 128, 64, 32)] == [64, 64, 32, 8, 4, 4]
+    model, strategy, _ = prepared("lora")
+    linears = target_linears(tiny_model())
+    added = strategy.touched(model)["adapter"]
+    assert strategy.r == 4 and added == sum(4 * (m.in_features + m.out_features) for m in linears.values())
+    assert added < 0.2 * sum(m.in_features * m.out_features for m in linears.values())
+    strategy.save(model, tmp_path)
+    assert json.loads((tmp_path / "strategy" / "strategy.json").read_text())["options"]["r"] == 4
+    again, loaded = peft_strategies.load_trained(tiny_model(), tmp_path)
+    assert loaded.r == 4 and loaded.touched(again)["adapter"] == added
+
+
+def test_an_explicit_rank_as_large_as_the_linears_is_warned_about():
+    import pytest
+
+    with pytest.warns(UserWarning, match=r"r=32 on a 64-wide decoder trains .* saves nothing \(default here: r=4\)"):
+        prepared("lora", r=32)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prepared("lora", r=4)  # a rank that fits is not warned about

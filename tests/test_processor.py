@@ -84,7 +84,7 @@ def test_cli_generate_prints_answer_and_efficiency(checkpoint, capsys):
                "--max-new-tokens", "4", "--device", "cpu"])
     out, err = capsys.readouterr()
     assert rc == 0 and out.endswith("\n")  # the (random) answer, streamed
-    assert "vision tokens 9" in err and "KV" in err and "TFLOPs" in err
+    assert "vision tokens 9" in err and "KV" in err and "GFLOPs" in err and "complete convention" in err
 
 
 def test_cli_chat_session(checkpoint, capsys, monkeypatch):

@@ -16,7 +16,8 @@ models so that drift hits them alike; median and min over `reps` after `warmup` 
 * decode: `steps` greedy `decode_step`s at batch 1 and 8 over a prefilled cache (eos plays no part);
   tokens/s = B * steps / time; the batch-8 cache is 8 copies of one prefilled row (decode cost depends on
   lengths only). KV bytes are read from the cache (`PmodCache.nbytes`), text included and vision only.
-* against transformers: our decoder vs `LlamaModel` prefill (same inputs_embeds, SDPA); our
+* against transformers: our decoder vs `LlamaModel` prefill (same inputs_embeds, SDPA; at the preset's
+  `hf_images` prompt sizes, default all; `--quick` on the cpu preset: 576 tokens only); our
   `pmod.generate.generate` vs `LlamaForCausalLM.generate(min_new_tokens=n)` at batch 1, per decode step as
   (stamp of the n-th new token - stamp of the 1st) / (n - 1), stamped by a streamer, so each side's own
   prefill is excluded (a 634-token text prompt: LLaVA-1.5's length).
@@ -37,14 +38,18 @@ Legend: B rows, L layers, P tokens per image, n_v vision tokens per row, n_t tex
 
 Modules: `presets` (shapes), `models` (dense, p-MoD twins, the transformers twin), `calls` (prompts and the
 timed calls), `timing` (repetitions, memory, machine state), `sections` (one function per section),
-`report` (the bars, markdown, plot), `cli` (the run and its command line).
+`report` (the bars, markdown, plot), `registry` (what a section is: a new one registers there and runs with the
+rest), `cli` (the run and its command line). Every section's results are written (results.json, results.md and, after
+prefill, speedup.png; each atomically) as soon as it ends: a stopped run keeps what it measured, with
+`meta.finished` naming the finished sections and `meta.complete` false. One tqdm bar per section on stderr.
 """
 from __future__ import annotations
 
 from pmod.bench.calls import Prompt, decode_loop, make_prompt, prefill, replicate_rows
 from pmod.bench.cli import add_parser, main, run, run_benchmark
 from pmod.bench.models import build_dense, hf_llama, with_routers
-from pmod.bench.presets import PRESETS, SECTIONS, Preset, resolve_preset, schedules
+from pmod.bench.presets import PRESETS, Preset, resolve_preset, schedules
+from pmod.bench.registry import BenchContext, Section, get_section, register_section, section_names
 from pmod.bench.report import evaluate_checks, plot_speedup, write_markdown
 from pmod.bench.sections import (
     StepClock,
@@ -55,14 +60,19 @@ from pmod.bench.sections import (
     bench_packing,
     bench_prefill,
     floor_step,
+    ideal_curve,
 )
 from pmod.bench.timing import Timing, machine_info, time_interleaved
+
+SECTIONS = section_names()  # the built-in sections, in run order (more may register later)
 
 __all__ = [
     "PRESETS",
     "SECTIONS",
+    "BenchContext",
     "Preset",
     "Prompt",
+    "Section",
     "StepClock",
     "Timing",
     "add_parser",
@@ -76,17 +86,21 @@ __all__ = [
     "decode_loop",
     "evaluate_checks",
     "floor_step",
+    "get_section",
     "hf_llama",
+    "ideal_curve",
     "machine_info",
     "main",
     "make_prompt",
     "plot_speedup",
     "prefill",
+    "register_section",
     "replicate_rows",
     "resolve_preset",
     "run",
     "run_benchmark",
     "schedules",
+    "section_names",
     "time_interleaved",
     "with_routers",
     "write_markdown",

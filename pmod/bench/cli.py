@@ -14,70 +14,107 @@ import torch
 from pmod.attention import resolve_backend
 from pmod.bench.calls import make_prompt
 from pmod.bench.models import build_dense, hf_llama, with_routers
-from pmod.bench.presets import PRESETS, SECTIONS, Preset, resolve_preset, schedules
-from pmod.bench.report import evaluate_checks, plot_speedup, write_markdown
-from pmod.bench.sections import (
-    _routing_nontrivial,
-    bench_batching,
-    bench_decode,
-    bench_hf_decode,
-    bench_hf_prefill,
-    bench_packing,
-    bench_prefill,
-)
-from pmod.bench.timing import _cpu_seconds, _loadavg, _others_share, machine_info
+from pmod.bench.presets import PRESETS, Preset, resolve_preset, schedules
+from pmod.bench.registry import BenchContext, get_section, section_names
+from pmod.bench.report import atomic_write, evaluate_checks, plot_speedup, write_markdown
+from pmod.bench.sections import _routing_nontrivial, ideal_curve  # (importing sections registers the built-ins)
+from pmod.bench.timing import _cpu_seconds, _loadavg, _others_share, machine_info, ticking
 
 
 # ---------------------------------------------------------------------------------------------- the run
-def run_benchmark(preset: Preset, device: str, sections: Sequence[str] = SECTIONS, seed: int = 0,
-                  attn_backend: str = "auto", log: Callable[[str], None] = print) -> dict:
-    """Every requested section on one set of weights; returns the results dict (checks included)."""
+def run_benchmark(preset: Preset, device: str, sections: Sequence[str] | None = None, seed: int = 0,
+                  attn_backend: str = "auto", log: Callable[[str], None] = print,
+                  on_section: Callable[[dict], None] | None = None, progress: bool = True) -> dict:
+    """Every requested section (default: all that run on `device`) on one set of weights; returns the results dict
+    (checks included). `on_section(res)` is called after each section with the results so far (checks and
+    `meta.finished` up to date), so that a caller can write them before the next section starts. `progress`: one
+    tqdm bar per section on stderr."""
+    from tqdm import tqdm
+
     t_start = time.perf_counter()
+    sections = list(section_names(device) if sections is None else sections)
+    for name in sections:
+        get_section(name)  # unknown names fail before any model is built
     if attn_backend == "auto" and preset.dtype == torch.float32:
         attn_backend = "sdpa"  # `auto` would pick flash on CUDA, which takes fp16/bf16 only
     res: dict = {"meta": {**machine_info(device), "preset": preset.name,
                           "dtype": str(preset.dtype).replace("torch.", ""), "text": preset.text,
                           "vision_stand_in": preset.clip, "warmup": preset.warmup, "reps": preset.reps,
                           "router_std": preset.router_std, "seed": seed,
-                          "attn_backend": resolve_backend(attn_backend, device).name}}
+                          "attn_backend": resolve_backend(attn_backend, device).name,
+                          "sections": sections, "finished": [], "complete": False}}
     w, n = preset.warmup, preset.reps
     with torch.no_grad():  # ordinary tensors (not inference tensors), frozen
         dense = build_dense(preset, device, seed, attn_backend)
         variants = {name: with_routers(dense, mod, preset.router_std, seed + 1)
                     for name, mod in schedules(preset).items()}
-        hf = hf_llama(dense) if {"hf_prefill", "hf_decode", "packing"} & set(sections) else None
-    pmod = variants["prd"]
+        hf = hf_llama(dense) if any(get_section(s).needs_hf for s in sections) else None
+    ctx = BenchContext(preset, device, w, n, dense, variants, hf)
+    meta = res["meta"]
     gc.collect()
     gc.freeze()  # the long-lived heap (modules, weights) leaves the collector's view: per-rep collections stay cheap
-    with torch.inference_mode():
-        res["meta"]["mod_layers"] = {k: v for k, v in pmod.config.mod_ratios.items()}
-        probe = make_prompt(dense.config, [1], preset.n_text, device)
-        res["meta"]["routing_nontrivial"] = _routing_nontrivial(pmod, probe)
-        res["meta"]["section_seconds"] = {}
-        jobs = {
-            "prefill": lambda: bench_prefill(dense, variants, preset, device, w, n),
-            "decode": lambda: bench_decode(dense, pmod, preset, device, w, n),
-            "hf_prefill": lambda: bench_hf_prefill(dense, hf, preset, device, w, n),
-            "hf_decode": lambda: bench_hf_decode(dense, hf, preset, device, w, n),
-            "batching": lambda: bench_batching(dense, preset, device, w, n),
-            "packing": lambda: bench_packing(dense, pmod, hf, preset, device, w, n),
-        }
-        res["meta"]["others_cpu_share"] = {}
-        for name in [s for s in SECTIONS if s in sections]:
-            t0, c0 = time.perf_counter(), _cpu_seconds()
-            log(f"[pmod bench] {name} ...")
-            res[name] = jobs[name]()
-            res["meta"]["section_seconds"][name] = round(time.perf_counter() - t0, 1)
-            res["meta"]["others_cpu_share"][name] = _others_share(c0, _cpu_seconds(), time.perf_counter() - t0)
-            log(f"[pmod bench] {name} done in {res['meta']['section_seconds'][name]:.1f} s; other processes used "
-                f"{res['meta']['others_cpu_share'][name]} of the machine's CPU time")
-    gc.unfreeze()
-    res["checks"] = evaluate_checks(res)
-    res["meta"]["seconds"] = time.perf_counter() - t_start
-    res["meta"]["loadavg_end"] = _loadavg()
+    try:
+        with torch.inference_mode():
+            meta["mod_layers"] = {k: v for k, v in ctx.pmod.config.mod_ratios.items()}
+            probe = make_prompt(dense.config, [1], preset.n_text, device)
+            meta["routing_nontrivial"] = _routing_nontrivial(ctx.pmod, probe)
+            meta.update(section_seconds={}, others_cpu_share={}, progress={})
+            for name in sections:
+                section = get_section(name)
+                total = section.calls(ctx)
+                t0, c0 = time.perf_counter(), _cpu_seconds()
+                bar = tqdm(total=total, desc=f"[pmod bench] {name}", unit="call", file=sys.stderr, leave=True,
+                           disable=not progress, dynamic_ncols=True)
+                calls = [0]
+
+                def tick(calls=calls, bar=bar) -> None:
+                    calls[0] += 1
+                    bar.update()
+
+                try:
+                    with ticking(tick):
+                        res[name] = section.run(ctx)
+                finally:
+                    bar.close()
+                dt = time.perf_counter() - t0
+                meta["section_seconds"][name] = round(dt, 1)
+                meta["others_cpu_share"][name] = _others_share(c0, _cpu_seconds(), dt)
+                meta["progress"][name] = [calls[0], total]  # calls made vs declared (equal unless `calls` is stale)
+                meta["finished"].append(name)
+                _close(res, t_start)
+                if on_section is not None:
+                    on_section(res)  # written before it is announced: a run killed after the line keeps it
+                log(f"[pmod bench] {name} done in {dt:.1f} s; other processes used "
+                    f"{meta['others_cpu_share'][name]} of the machine's CPU time")
+    finally:
+        gc.unfreeze()
+    meta["complete"] = True
+    _close(res, t_start)
     return res
 
 
+def _close(res: dict, t_start: float) -> None:
+    """Checks and timings of the results so far (called after every section, so partial results read whole)."""
+    res["checks"] = evaluate_checks(res)
+    res["meta"]["seconds"] = time.perf_counter() - t_start
+    res["meta"]["loadavg_end"] = _loadavg()
+
+
+def write_outputs(res: dict, out: Path) -> None:
+    """results.json, results.md and (with a prefill section) speedup.png in `out`, each written atomically."""
+    atomic_write(out / "results.json", json.dumps(res, indent=2, default=str) + "\n")
+    write_markdown(res, out / "results.md")
+    if res.get("prefill"):
+        m = res["meta"]
+        preset = PRESETS.get(m["preset"])
+        ideal = ({r["n_vision"]: ideal_curve(preset, r["n_vision"] // preset.config().vision.num_patches)
+                  for r in res["prefill"]} if preset is not None else None)
+        share = (m.get("others_cpu_share") or {}).get("prefill")
+        note = (f"{m['device_name']}, {m['threads']} thread(s), {m['dtype']}, torch {m['torch']}; {m['date']}, "
+                f"commit {m.get('commit')}; median of {m['reps']} interleaved repetitions"
+                + (f"; other processes took {100 * share:.0f} % of the CPU" if share and m["gpu"] is None else ""))
+        plot_speedup(res["prefill"], out / "speedup.png", ideal=ideal, note=note,
+                     title=f"pmod bench, preset {m['preset']}: p-MoD prefill speed-up over dense")
 
 
 def add_parser(sub) -> None:
@@ -90,10 +127,12 @@ def add_parser(sub) -> None:
                         "tiny (smoke test); default: gpu-7b on cuda, cpu otherwise")
     p.add_argument("--output", default="out/bench", help="folder for results.json, results.md, speedup.png")
     p.add_argument("--quick", action="store_true", help="fewer repetitions, steps and schedules")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (CPU runs)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (CPU runs; default 2, 1 for the tiny preset, whose ops are too small to split)")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions (default: the preset's)")
     p.add_argument("--warmup", type=int, default=None, help="untimed warm-up rounds (default: the preset's)")
-    p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
+    p.add_argument("--sections", default=None,
+                   help=f"comma-separated subset of {','.join(section_names())} (default: all that run on the device)")
     p.add_argument("--attn-backend", default="auto", choices=["auto", "sdpa", "flash", "eager"])
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=run)
@@ -103,7 +142,7 @@ def _command(args) -> str:
     parts = ["pmod bench", f"--device {args.device}", f"--preset {args.preset}", f"--output {args.output}"]
     parts += ["--quick"] if args.quick else []
     parts += [f"--{k} {getattr(args, k)}" for k in ("threads", "reps", "warmup") if getattr(args, k) is not None]
-    parts += [f"--sections {args.sections}"] if args.sections != ",".join(SECTIONS) else []
+    parts += [f"--sections {args.sections}"] if args.sections else []
     parts += [f"--attn-backend {args.attn_backend}"] if args.attn_backend != "auto" else []
     return " ".join(parts)
 
@@ -117,22 +156,32 @@ def run(args) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda but torch sees no CUDA device")
     args.preset = args.preset or ("gpu-7b" if args.device == "cuda" else "cpu")
-    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-    bad = sorted(set(sections) - set(SECTIONS))
+    sections = ([s.strip() for s in args.sections.split(",") if s.strip()] if args.sections
+                else list(section_names(args.device)))
+    bad = sorted(set(sections) - set(section_names()))
     if bad:
-        raise ValueError(f"unknown sections {bad}; expected a subset of {list(SECTIONS)}")
+        raise ValueError(f"unknown sections {bad}; expected a subset of {list(section_names())}")
+    if args.threads is None:
+        args.threads = 1 if args.preset == "tiny" else 2
     if args.device == "cpu":
         torch.set_num_threads(max(1, args.threads))
     preset = resolve_preset(args.preset, args.quick, reps=args.reps, warmup=args.warmup)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     log = lambda s: print(s, file=sys.stderr, flush=True)
-    res = run_benchmark(preset, args.device, sections, args.seed, args.attn_backend, log)
-    res["meta"]["command"] = _command(args)
-    (out / "results.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
-    print(write_markdown(res, out / "results.md"))
-    if res.get("prefill"):
-        plot_speedup(res["prefill"], out / "speedup.png")
+    command = _command(args)
+
+    def save(res: dict) -> None:
+        res["meta"]["command"] = command
+        write_outputs(res, out)
+
+    try:
+        res = run_benchmark(preset, args.device, sections, args.seed, args.attn_backend, log, on_section=save)
+    except KeyboardInterrupt:
+        log(f"[pmod bench] interrupted; the sections finished so far are in {out}/results.{{json,md}}")
+        return 130
+    save(res)
+    print((out / "results.md").read_text())
     summary = {"preset": preset.name, "device": res["meta"]["device_name"], "output": str(out),
                "seconds": round(res["meta"]["seconds"], 1), "all_pass": all(c["pass"] for c in res["checks"]),
                "checks": {c["name"]: {"value": round(c["value"], 4), "bar": c["bar"], "pass": c["pass"]}

@@ -1,4 +1,4 @@
-"""Benchmark shapes: the presets, their p-MoD variants, and the sections a run can hold."""
+"""Benchmark shapes: the presets and their p-MoD variants."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import torch
 
 from pmod.config import ModConfig, PmodConfig, TextConfig, VisionConfig
 
-SECTIONS = ("prefill", "decode", "hf_prefill", "hf_decode", "batching", "packing")
 STAND_IN_CLIP = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                      image_size=336, patch_size=14, hidden_act="quick_gelu")
 
@@ -34,6 +33,7 @@ class Preset:
     batch_text: tuple[int, int] = (20, 69)  # shortest and longest prompt of the batching test
     batch_new_tokens: int = 16
     packed_images: tuple[int, ...] = (0, 1, 2)
+    hf_images: tuple[int, ...] | None = None  # prompt sizes of the LlamaModel prefill comparison (default: images)
     router_std: float = 0.02
     warmup: int = 1
     reps: int = 3
@@ -50,7 +50,9 @@ PRESETS: dict[str, Preset] = {
     "cpu": Preset(
         "cpu", dict(_LLAMA, hidden_size=512, intermediate_size=1376, num_attention_heads=8), torch.float32,
         warmup=1, reps=5,  # a shared 2-vCPU VM drifts by ~5 % between runs: 5 interleaved rounds, medians
-        quick=dict(reps=2, sweep=(0.25,), sweep_images=(1,), decode_steps=8, hf_new_tokens=17, batch_new_tokens=8),
+        # --quick: <= 4 min on a 2-core machine (BENCHMARKS.md); the 2880-token prompt in prefill and decode only
+        quick=dict(reps=2, sweep=(0.25,), sweep_images=(1,), decode_steps=4, hf_new_tokens=9, batch_new_tokens=4,
+                   hf_images=(1,), packed_images=(0, 1)),
     ),
     "gpu-7b": Preset(
         "gpu-7b", dict(_LLAMA, hidden_size=4096, intermediate_size=11008, num_attention_heads=32), torch.bfloat16,

@@ -72,7 +72,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], align: str) -> 
 def _md_meta(m: dict) -> list[str]:
     return [
         f"# pmod bench — preset `{m['preset']}` on {m['device_name']}", "",
-        (f"`{m['command']}` — {m['date']}, commit {m.get('commit')}; torch {m['torch']}, transformers "
+        (f"`{m.get('command') or 'pmod.bench.run_benchmark(...)'}` — {m['date']}, commit {m.get('commit')}; torch {m['torch']}, transformers "
         f"{m['transformers']}; {m['threads']} thread(s), {m['dtype']}, attention {m['attn_backend']}; warm-up "
         f"{m['warmup']}, {m['reps']} interleaved repetitions (median, min); routers ~ N(0, {m['router_std']}), "
         f"routing non-trivial: {m.get('routing_nontrivial')}; {m['seconds']:.0f} s in all."), "",
@@ -81,7 +81,7 @@ def _md_meta(m: dict) -> list[str]:
     ]
 
 
-def _md_prefill(rows: list[dict]) -> list[str]:
+def md_prefill(rows: list[dict]) -> list[str]:
     head = ["vision tok", "model", "kept ratio", "TFLOPs", "ideal", "ideal, causal attn", "median ms", "min ms",
             "tok/s", "speed-up (median / min / paired)", "of ideal", "peak MiB", "KV MiB"]
     body = [[r["n_vision"], r["model"], f"{r['kept_ratio']:.3f}", f"{r['tflops']:.4f}", f"{r['ideal_speedup']:.3f}",
@@ -94,7 +94,7 @@ def _md_prefill(rows: list[dict]) -> list[str]:
             *_table(head, body, "rlrrrrrrrrrrr")]
 
 
-def _md_decode(rows: list[dict]) -> list[str]:
+def md_decode(rows: list[dict]) -> list[str]:
     head = ["vision tok", "batch", "model", "ms/step", "tok/s", "KV MiB", "KV / dense", "vision KV / dense", "peak MiB"]
     body = [[r["n_vision"], r["batch"], r["model"], f"{r['ms_per_step']:.2f}", f"{r['tokens_per_s']:.1f}",
              _mib(r["kv_bytes"]), f"{r['kv_ratio']:.3f}", f"{r['kv_vision_ratio']:.3f}", _mib(r["peak_bytes"])]
@@ -103,7 +103,7 @@ def _md_decode(rows: list[dict]) -> list[str]:
             *_table(head, body, "rrlrrrrrr")]
 
 
-def _md_hf_prefill(rows: list[dict]) -> list[str]:
+def md_hf_prefill(rows: list[dict]) -> list[str]:
     head = ["tokens", "ours ms (median / min)", "LlamaModel ms (median / min)", "ours / HF", "max abs diff"]
     body = [[r["n_tokens"], f"{r['ours']['median_ms']:.1f} / {r['ours']['min_ms']:.1f}",
              f"{r['hf']['median_ms']:.1f} / {r['hf']['min_ms']:.1f}", f"{r['ratio_median']:.3f}",
@@ -112,7 +112,7 @@ def _md_hf_prefill(rows: list[dict]) -> list[str]:
             *_table(head, body, "rrrrr")]
 
 
-def _md_hf_decode(h: dict) -> list[str]:
+def md_hf_decode(h: dict) -> list[str]:
     n = h["new_tokens"]
     return ["## Batch-1 decode step: pmod.generate vs LlamaForCausalLM.generate (same weights)", "",
             (f"Time from the 1st to the {n}th new token / {n - 1} (streamer stamps, prefill excluded), prompt of "
@@ -129,7 +129,7 @@ def _md_hf_decode(h: dict) -> list[str]:
               if "graph_step_ratio" in h else [])]
 
 
-def _md_batching(b: dict) -> list[str]:
+def md_batching(b: dict) -> list[str]:
     return ["## Batched vs one-by-one generation (dense, text prompts)", "",
             (f"{b['prompts']} prompts of {b['prompt_lens'][0]}–{b['prompt_lens'][-1]} tokens, {b['new_tokens']} new "
             f"tokens each: batched {b['batched']['median_ms']:.0f} ms, one by one {b['one_by_one']['median_ms']:.0f} "
@@ -137,7 +137,7 @@ def _md_batching(b: dict) -> list[str]:
             f"{b['tokens_equal']}."), ""]
 
 
-def _md_packing(rows: list[dict]) -> list[str]:
+def md_packing(rows: list[dict]) -> list[str]:
     r0 = rows[0]
 
     def cell(v):
@@ -150,44 +150,99 @@ def _md_packing(rows: list[dict]) -> list[str]:
              f"tokens: {r0['packed_tokens']} packed, {r0['padded_tokens']} padded)"), "", *_table(head, body, "lrrr")]
 
 
+def atomic_write(path: Path, data: str | bytes) -> None:
+    """Write `path` whole or not at all (temp file in the same folder, fsync, rename): a run stopped mid-write
+    leaves the previous version."""
+    import os
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~umask)  # what open() would give, not mkstemp's 0600
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _md_section(name: str, results: Any) -> list[str]:
+    from pmod.bench.registry import get_section
+
+    try:
+        fmt = get_section(name).markdown
+    except ValueError:
+        fmt = None
+    if fmt is None:  # a section without a formatter still shows what it measured
+        import json
+
+        return [f"## {name}", "", "```json", json.dumps(results, indent=1, default=str), "```", ""]
+    return fmt(results)
+
+
 def write_markdown(res: dict, path: Path) -> str:
-    """results.md: the run's metadata, one table per section, then the checks."""
-    lines = _md_meta(res["meta"])
-    for key, fmt in (("prefill", _md_prefill), ("decode", _md_decode), ("hf_prefill", _md_hf_prefill),
-                     ("hf_decode", _md_hf_decode), ("batching", _md_batching), ("packing", _md_packing)):
-        if res.get(key):
-            lines += fmt(res[key])
+    """results.md: the run's metadata, one table per finished section (in run order), then the checks."""
+    m = res["meta"]
+    lines = _md_meta(m)
+    pending = [s for s in m.get("sections", []) if s not in res]
+    if pending:
+        lines += [f"**Partial run**: {', '.join(pending)} not finished (the sections below are complete).", ""]
+    for name in m.get("sections", [k for k in res if k not in ("meta", "checks")]):
+        if res.get(name):
+            lines += _md_section(name, res[name])
     body = [[c["name"], f"{c['value']:.3f}", c["bar"], "yes" if c["pass"] else "**no**", c["what"]]
-            for c in res["checks"]]
+            for c in res.get("checks", [])]
     lines += ["## Checks", "", *_table(["check", "measured", "bar", "pass", "what"], body, "lrlll")]
     text = "\n".join(lines)
-    path.write_text(text)
+    atomic_write(path, text)
     return text
 
 
-def plot_speedup(prefill_rows: list[dict], path: Path) -> None:
-    """speedup.png: measured prefill speed-up vs kept-token ratio per prompt size, the FLOPs ratio as the ideal."""
+def plot_speedup(prefill_rows: list[dict], path: Path, ideal: dict[int, list[tuple[float, float]]] | None = None,
+                 title: str = "", note: str = "") -> None:
+    """speedup.png: measured prefill speed-up vs kept-token ratio per prompt size, against the ideal (the FLOPs
+    ratio). `ideal`: {n_vision: [(kept ratio, ideal speed-up)]}, a curve over constant ratios drawn whatever the run
+    measured (default: the ideal of the measured rows). The legend sits below the axes, `note` (machine, date) at
+    the bottom."""
+    import io
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 6.2))
     for i, n_v in enumerate(sorted({r["n_vision"] for r in prefill_rows})):
         rows, color = [r for r in prefill_rows if r["n_vision"] == n_v], f"C{i}"
         line = sorted((r for r in rows if r["model"] != "prd"), key=lambda r: r["kept_ratio"])  # dense + constant
-        ax.plot([r["kept_ratio"] for r in line], [r["ideal_speedup"] for r in line], "--", color=color,
-                label=f"{n_v} vision tokens: ideal (FLOPs ratio)")
-        ax.plot([r["kept_ratio"] for r in line], [r["speedup_median"] for r in line], "o-", color=color,
-                label=f"{n_v}: measured, deep_all at constant ratios")
+        curve = (ideal or {}).get(n_v) or [(r["kept_ratio"], r["ideal_speedup"]) for r in line]
+        ax.plot(*zip(*sorted(curve)), "--", color=color, lw=1.6, alpha=0.9, zorder=1,
+                label=f"{n_v} vision tokens: ideal (FLOPs ratio, constant ratios)")
+        ax.plot([r["kept_ratio"] for r in line], [r["speedup_median"] for r in line], "o-", color=color, zorder=3,
+                label=f"{n_v}: measured, dense and deep_all at constant ratios")
         for r in (r for r in rows if r["model"] == "prd"):
-            ax.plot(r["kept_ratio"], r["ideal_speedup"], "x", color=color, markersize=9)
-            ax.plot(r["kept_ratio"], r["speedup_median"], "*", color=color, markersize=13,
-                    label=f"{n_v}: measured, default PRD (x: its ideal)")
+            ax.plot(r["kept_ratio"], r["ideal_speedup"], "x", color=color, markersize=9, mew=2, zorder=4,
+                    label=f"{n_v}: ideal of the default PRD schedule")
+            ax.plot(r["kept_ratio"], r["speedup_median"], "*", color=color, markersize=14, zorder=4,
+                    label=f"{n_v}: measured, default PRD schedule")
     ax.set_xlabel("kept-token ratio (vision tokens processed per layer / all, mean over layers)")
-    ax.set_ylabel("prefill speed-up over dense")
+    ax.set_ylabel("prefill speed-up over dense (median)")
+    ax.set_title(title or "p-MoD prefill speed-up over dense vs kept-token ratio", fontsize=11)
+    ax.set_ylim(bottom=min(0.9, ax.get_ylim()[0]))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, frameon=False)
+    if note:
+        import textwrap
+
+        note = "\n".join(textwrap.wrap(note, 150))
+        fig.text(0.01, 0.01, note, fontsize=7, color="0.35", ha="left", va="bottom")
+    fig.tight_layout(rect=(0, 0.025 * (1 + note.count("\n")) if note else 0, 1, 1))
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
+    atomic_write(path, buf.getvalue())

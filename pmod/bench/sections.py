@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 
 import torch
 import torch.nn.functional as F
 
+from pmod.bench import report
 from pmod.bench.calls import Prompt, _decoder, _rewind, _snapshot, decode_loop, make_prompt, prefill, replicate_rows
 from pmod.bench.presets import Preset
+from pmod.bench.registry import BenchContext, Section, register_section
 from pmod.bench.timing import Timing, _median, time_interleaved
 from pmod.cache import PmodCache
 from pmod.config import PmodConfig
@@ -73,6 +75,22 @@ def bench_prefill(dense, variants: dict, preset: Preset, device: str, warmup: in
     return rows
 
 
+def ideal_curve(preset: Preset, images: int, ratios: Sequence[float] | None = None) -> list[tuple[float, float]]:
+    """(kept ratio, ideal speed-up) of `deep_all` at constant ratios (default 0.05 ... 1), counted as `bench_prefill`
+    counts its rows (complete convention, vision stand-in and projector, lm_head on the last token): the ideal line of
+    the plot, whatever sweep a run measured. Pure FLOPs arithmetic, no model."""
+    from pmod.config import ModConfig
+
+    n_v, n_t, out = images * preset.config().vision.num_patches, preset.n_text, []
+    for r in ratios or [i / 20 for i in range(1, 21)]:
+        cfg = preset.config(ModConfig(schedule="deep_all", avg_ratio=r))
+        rep = count_flops(cfg, n_vision=n_v, n_text=n_t, convention="complete", include_vision=True, n_images=images,
+                          last_only=True)
+        kept = sum(n - n_t for n in rep.tokens_per_layer) / (len(rep.tokens_per_layer) * n_v)
+        out.append((kept, rep.dense_total / rep.total))
+    return out
+
+
 def _schedule_name(config: PmodConfig) -> str:
     m = config.mod
     return "dense" if config.is_dense else (m.schedule if m.schedule != "deep_all" else f"deep_all avg {m.avg_ratio:g}")
@@ -125,7 +143,7 @@ def _hf_hidden(hf, embeds: torch.Tensor, mask: torch.Tensor | None) -> torch.Ten
 def bench_hf_prefill(dense, hf, preset: Preset, device: str, warmup: int, reps: int) -> list[dict]:
     """Our decoder vs `transformers.LlamaModel` on the same inputs_embeds (batch 1, no cache), with parity."""
     rows = []
-    for k in preset.images:
+    for k in preset.hf_images or preset.images:
         prompt = make_prompt(dense.config, [k], preset.n_text, device, seed=k)
         x, layout = dense.prepare(prompt.input_ids, prompt.images)
         fns = {"ours": partial(_decoder, dense, x, layout), "hf": partial(_hf_hidden, hf, x[None], None)}
@@ -139,11 +157,11 @@ def bench_hf_prefill(dense, hf, preset: Preset, device: str, warmup: int, reps: 
 
 
 class StepClock:
-    """A generate streamer that timestamps every new token: HF's `put` (whose first call is the prompt) and
-    pmod's callable form. On CUDA it synchronises first, so a stamp marks a token that exists."""
+    """A generate streamer (transformers' protocol, which both generates follow) that timestamps every new token:
+    the first `put` is the prompt, skipped. On CUDA it synchronises first, so a stamp marks a token that exists."""
 
-    def __init__(self, device: str, skip_first: bool):
-        self.cuda, self.skip, self.stamps = device.startswith("cuda"), skip_first, []
+    def __init__(self, device: str):
+        self.cuda, self.skip, self.stamps = device.startswith("cuda"), True, []
 
     def put(self, value) -> None:
         if self.skip:
@@ -152,8 +170,6 @@ class StepClock:
         if self.cuda:
             torch.cuda.synchronize()
         self.stamps.append(time.perf_counter())
-
-    __call__ = put
 
     def end(self) -> None:
         pass
@@ -198,13 +214,13 @@ def bench_hf_decode(dense, hf, preset: Preset, device: str, warmup: int, reps: i
     steps: dict[str, list[float]] = {"ours": [], "hf": [], **({"ours_graph": []} if graphs else {})}
 
     def ours(graph: bool = False):
-        clock = StepClock(device, skip_first=False)
+        clock = StepClock(device)
         out = generate(dense, ids, max_new_tokens=n, eos_token_id=[], streamer=clock, cuda_graph=graph)
         steps["ours_graph" if graph else "ours"].append(clock.step_ms)
         return out
 
     def theirs():
-        clock = StepClock(device, skip_first=True)
+        clock = StepClock(device)
         out = hf.generate(ids_dev, attention_mask=torch.ones_like(ids_dev), max_new_tokens=n, min_new_tokens=n,
                           do_sample=False, pad_token_id=pad, streamer=clock)[:, ids.shape[1]:]
         steps["hf"].append(clock.step_ms)
@@ -276,3 +292,27 @@ def bench_packing(dense, pmod, hf, preset: Preset, device: str, warmup: int, rep
                       "speedup_min": t[v].min_ms / t["packed"].min_ms, "max_abs_diff": (out - ref).abs().max().item()}
         rows.append(row)
     return rows
+
+
+# ---------------------------------------------------------------------------------------------- the registry
+# calls: what each section hands `time_interleaved` (callables x rounds), the length of its progress bar
+def _prefill_calls(c: BenchContext) -> int:
+    p = c.preset
+    return c.rounds * sum(2 + (len(p.sweep) if k in p.sweep_images else 0) for k in p.images)
+
+
+for _section in (
+    Section("prefill", lambda c: bench_prefill(c.dense, c.variants, c.preset, c.device, c.warmup, c.reps),
+            _prefill_calls, report.md_prefill),
+    Section("decode", lambda c: bench_decode(c.dense, c.pmod, c.preset, c.device, c.warmup, c.reps),
+            lambda c: c.rounds * 2 * len(c.preset.images) * len(c.preset.decode_batches), report.md_decode),
+    Section("hf_prefill", lambda c: bench_hf_prefill(c.dense, c.hf, c.preset, c.device, c.warmup, c.reps),
+            lambda c: c.rounds * 2 * len(c.preset.hf_images or c.preset.images), report.md_hf_prefill, needs_hf=True),
+    Section("hf_decode", lambda c: bench_hf_decode(c.dense, c.hf, c.preset, c.device, c.warmup, c.reps),
+            lambda c: c.rounds * (4 if c.device.startswith("cuda") else 3), report.md_hf_decode, needs_hf=True),
+    Section("batching", lambda c: bench_batching(c.dense, c.preset, c.device, c.warmup, c.reps),
+            lambda c: c.rounds * 2, report.md_batching),
+    Section("packing", lambda c: bench_packing(c.dense, c.pmod, c.hf, c.preset, c.device, c.warmup, c.reps),
+            lambda c: c.rounds * 5, report.md_packing, needs_hf=True),
+):
+    register_section(_section)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import datetime
 import gc
 import platform
@@ -83,14 +85,35 @@ def _time_once(fn: Callable[[], Any], device: str) -> tuple[float, Any]:
     return (time.perf_counter() - t0) * 1e3, out
 
 
+_TICK: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar("pmod_bench_tick", default=None)
+
+
+@contextlib.contextmanager
+def ticking(tick: Callable[[], None]):
+    """Within the block, `time_interleaved` calls `tick()` after every call it makes (a section's progress bar)."""
+    token = _TICK.set(tick)
+    try:
+        yield
+    finally:
+        _TICK.reset(token)
+
+
+def _tick() -> None:
+    tick = _TICK.get()
+    if tick is not None:
+        tick()
+
+
 def time_interleaved(fns: dict[str, Callable[[], Any]], device: str, warmup: int, reps: int) -> dict[str, Timing]:
     """Time every callable `reps` times, interleaved (a, b, c, a, b, c, ...), after `warmup` rounds.
 
     The garbage collector runs once before and is off while timing (as in `timeit`); the previous result of a
-    callable is dropped before its next call."""
+    callable is dropped before its next call. Each call, warm-up included, ticks the progress (`ticking`), outside
+    the timed bracket."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
+            _tick()
     out = {name: Timing() for name in fns}
     gc.collect()
     gc.disable()
@@ -101,6 +124,7 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], device: str, warmup: int
                 base = _mem_start(device)
                 ms, res = _time_once(fn, device)
                 peak = _mem_peak(device, base)
+                _tick()
                 out[name].times_ms.append(ms)
                 out[name].result = res
                 if peak is not None:

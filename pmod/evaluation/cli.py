@@ -1,7 +1,10 @@
 """`pmod eval`: the paper's 14 lmms-eval benchmarks (or any subset) for one checkpoint, or two side by side.
 
     pmod eval --model PATH [--compare DENSE_PATH] [--tasks mme,gqa] [--output DIR] [--limit N] [--batch-size N]
-    pmod eval --model PATH --tasks pmod_synth --synth-data DIR      # our local synthetic task, fully offline
+    pmod eval --tasks pmod_synth [--synth-data DIR]    # our local synthetic task on the embedded default, offline
+
+--model defaults to the embedded p-MoD default (pmod/assets/tiny-synth-pmod, trained on pmod_synth's questions); the
+pmod_synth task ships with pmod and, without --synth-data, reads a dataset written into DIR/pmod_synth-data.
 
 Writes DIR/results.{md,json,png} (each benchmark's score beside prefill TFLOPs, kept-token ratio and KV bytes vs
 the dense twin) and, per model, lmms-eval's own outputs in DIR/<label>/. Run the same command again to continue
@@ -31,7 +34,9 @@ def _quiet_lmms_eval_logs() -> None:
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="lmms-eval benchmarks (default: the paper's 14) with cost columns",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="checkpoint folder or hub id (anything pmod.from_pretrained loads)")
+    p.add_argument("--model", default=None,
+                   help="checkpoint folder or hub id (anything pmod.from_pretrained loads); default: the embedded "
+                        "p-MoD default, which knows pmod_synth only")
     p.add_argument("--compare", help="a second checkpoint, e.g. the dense baseline, evaluated and shown beside")
     p.add_argument("--labels", help="column names for --model[,--compare] (default: the folder names)")
     p.add_argument("--tasks", default=",".join(PAPER_TASKS), help="comma-separated lmms-eval tasks (default: the paper's 14)")
@@ -71,6 +76,10 @@ def _check_models(paths: list[str], offline: bool) -> None:
 def cmd_eval(args) -> int:
     from pmod.evaluation.run import ModelRun, evaluate
 
+    if args.model is None:
+        from pmod.demo import PMOD_CKPT
+
+        args.model = str(PMOD_CKPT)
     paths = [args.model] + ([args.compare] if args.compare else [])
     if not args.table_only:
         _check_models(paths, offline=not args.online)

@@ -22,7 +22,6 @@ from pathlib import Path
 from pmod.evaluation.tasks import BENCHMARKS, PAPER_EFFICIENCY, PAPER_SCORES, offline_env, task_average
 
 __all__ = [
-    "REPO_TASKS",
     "ModelRun",
     "build_table",
     "evaluate",
@@ -35,8 +34,7 @@ __all__ = [
     "write_tiny_synth",
 ]
 
-REPO_TASKS = Path(__file__).resolve().parents[2] / "eval" / "tasks"  # a source checkout's task folders
-_SYNTH_YAML = REPO_TASKS / "pmod_synth" / "pmod_synth.yaml"
+SYNTH_DATA = "pmod_synth-data"  # where `evaluate` writes a pmod_synth dataset into the output folder when none is given
 _EFF_KEYS = ("tflops", "tflops_dense", "tflops_paper", "tflops_paper_dense", "kv_bytes", "kv_bytes_dense", "n_vision", "n_text")
 
 
@@ -57,16 +55,19 @@ def write_tiny_synth(root: str | Path, n: int = 12, image_size: int = 64) -> Pat
 def synth_task_folder(out: str | Path, data_dir: str | Path) -> Path:
     """An lmms-eval task folder (for --include_path) whose pmod_synth reads `data_dir`: it includes the shipped
     task file and overrides where the data is. Returns the folder."""
+    from pmod.evaluation.pmod_synth import TASK_YAML
+
     data_dir = Path(data_dir).resolve()
     if not (data_dir / "test.jsonl").is_file():
-        raise FileNotFoundError(f"{data_dir}: no test.jsonl; write a tiny set with eval/tasks/pmod_synth/make_tiny.py")
-    if not _SYNTH_YAML.is_file():
-        raise FileNotFoundError(f"the pmod_synth task file is not at {_SYNTH_YAML} (it ships in the source checkout)")
+        raise FileNotFoundError(f"{data_dir}: no test.jsonl; write a set with `python -m pmod.evaluation.pmod_synth "
+                                "--out DIR`")
+    if not TASK_YAML.is_file():
+        raise FileNotFoundError(f"the pmod_synth task file is not at {TASK_YAML} (it is package data of pmod)")
     folder = Path(out) / "tasks" / "pmod_synth"
     folder.mkdir(parents=True, exist_ok=True)
     q = lambda p: json.dumps(str(p))  # a JSON string is a YAML string, whatever the path holds
     (folder / "pmod_synth.yaml").write_text(
-        f"include: {q(_SYNTH_YAML)}\n"
+        f"include: {q(TASK_YAML)}\n"
         f"dataset_kwargs:\n  data_files:\n    test: {q(data_dir / 'test.jsonl')}\n"
         f"lmms_eval_specific_kwargs:\n  default:\n    data_root: {q(data_dir)}\n    pre_prompt: ''\n    post_prompt: ''\n")
     return folder.parent
@@ -195,11 +196,15 @@ def _paper_rows(model_paths: list[str]) -> list[str]:
 
 def build_table(summaries: list[dict], tasks: list[str], out: Path) -> dict[str, Path]:
     """results.md, results.json and results.png in `out`: each benchmark's score beside each model's costs."""
+    from pmod.flops import flops_unit
+
     out.mkdir(parents=True, exist_ok=True)
     paper = _paper_rows([s["path"] for s in summaries])
+    # one FLOPs unit for the table: TFLOPs at 7B shapes, GFLOPs for a small model (not 0.0004 TFLOPs)
+    unit, scale = flops_unit(max([c.get("tflops") or 0 for s in summaries for c in s["costs"].values()] + [0]) * 1e12)
     head = ["benchmark", "metric"]
     for s in summaries:
-        head += [f"{s['label']} score", "TFLOPs", "vs dense", "kept", "KV MiB", "KV vs dense"]
+        head += [f"{s['label']} score", unit, "vs dense", "kept", "KV MiB", "KV vs dense"]
     head += [f"paper {p}" for p in paper]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for t in [*tasks, "all"]:
@@ -208,7 +213,8 @@ def build_table(summaries: list[dict], tasks: list[str], out: Path) -> dict[str,
         for s in summaries:
             c = s["costs"].get(t, {})
             score = s["average"] if t == "all" else s["scores"].get(t)
-            row += [_fmt(score, ".2f"), _fmt(c.get("tflops"), ".4g"), _fmt(_pct(c.get("flops_ratio")), ".1f", " %"),
+            flops = None if c.get("tflops") is None else c["tflops"] * 1e12 / scale
+            row += [_fmt(score, ".2f"), _fmt(flops, ".4g"), _fmt(_pct(c.get("flops_ratio")), ".1f", " %"),
                     _fmt(_pct(c.get("kept_ratio")), ".1f", " %"), _fmt(_mib(c.get("kv_bytes")), ".3g"),
                     _fmt(_pct(c.get("kv_ratio")), ".1f", " %")]
         row += [_fmt(PAPER_EFFICIENCY[p]["avg"] if t == "all" and len(tasks) == 14 else PAPER_SCORES[p].get(t), ".2f")
@@ -216,7 +222,7 @@ def build_table(summaries: list[dict], tasks: list[str], out: Path) -> dict[str,
         lines.append("| " + " | ".join(row) + " |")
     notes = [
         "", "Score: lmms-eval's metric in the paper's unit (percent; MME-P is a sum of subtask scores). Costs are means",
-        "per request of the prefill, from the plugin's journal: TFLOPs in the complete convention (all matmuls incl.",
+        f"per request of the prefill, from the plugin's journal: {unit} in the complete convention (all matmuls incl.",
         "attention scores; `pmod.report.measure_efficiency`), kept = vision tokens processed averaged over layers,",
         "KV = cache bytes after prefill in the model's dtype; 'vs dense' = the same prompt through the dense twin.",
         "results.json also has the paper's FLOPs convention (tflops_paper). Paper TFLOPs/KV for its rows: "
@@ -280,7 +286,14 @@ def evaluate(models: list[ModelRun], tasks: list[str], output: str | Path, *, ba
     output = Path(output)
     include = list(include_path or [])
     if "pmod_synth" in tasks and not any((Path(p) / "pmod_synth").exists() for p in include):
-        include.append(synth_task_folder(output, synth_data) if synth_data else REPO_TASKS)
+        if synth_data is None:  # a dataset of our own in the output folder, written once
+            from pmod.evaluation.pmod_synth import DEFAULT_N
+
+            synth_data = output / SYNTH_DATA
+            if not (synth_data / "test.jsonl").is_file():
+                write_tiny_synth(synth_data, n=DEFAULT_N)
+                print(f"pmod_synth: no --synth-data given; wrote {DEFAULT_N} samples to {synth_data}", flush=True)
+        include.append(synth_task_folder(output, synth_data))
     env = offline_env() if offline else dict(os.environ)
     if check and offline and not table_only:
         missing = missing_data(tasks, include_path=[str(p) for p in include] or None)

@@ -53,7 +53,7 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in [
     Benchmark("infovqa_val", "Info", "anls", ("infovqa_val",)),
     Benchmark("mmbench_en_dev", "MMB", "gpt_eval_score", ("mmbench_en_dev",), scale=1.0),  # already a percentage
     Benchmark("mmmu_val", "MMMU", "mmmu_acc", ("mmmu_val",)),
-    # our local synthetic task (eval/tasks/pmod_synth): not one of the paper's
+    # our local synthetic task (pmod/evaluation/pmod_synth, shipped in the package): not one of the paper's
     Benchmark("pmod_synth", "Synth", "exact_match", ("pmod_synth",)),
 ]}
 

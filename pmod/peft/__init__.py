@@ -10,6 +10,19 @@ trained (`folder/strategy/`) to its base model; the run's exported checkpoint is
 """
 from __future__ import annotations
 
+import logging
+
+
+def _quiet_bitsandbytes_kernel_probe() -> None:
+    """`import peft` imports bitsandbytes, whose CPU backend (on CPUs with AVX512-BF16) looks for a 4-bit GEMM in
+    Hugging Face's `kernels` hub package and logs a warning when that is not installed. pmod never runs 4-bit GEMMs
+    (bitsandbytes only holds 8-bit optimizer states here), so that one message is dropped; others pass."""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+        lambda record: "kernels-community" not in record.getMessage())
+
+
+_quiet_bitsandbytes_kernel_probe()
+
 from pmod.peft import bone, ggpo, gradnormlorp, lisa, lora, ticket  # noqa: F401  (register the strategies)
 from pmod.peft.base import (
     TARGETS,

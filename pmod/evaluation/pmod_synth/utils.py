@@ -1,7 +1,7 @@
 """Document hooks of the pmod_synth lmms-eval task: images from a local folder, exact-match scoring.
 
 `data_root` (from the task YAML's lmms_eval_specific_kwargs) is the dataset folder that `image` paths are
-relative to; null means ./data next to this file, the task's default folder.
+relative to; null means ./data next to this file (the YAML's own default `data_files`).
 """
 from __future__ import annotations
 
