@@ -9,9 +9,9 @@ from __future__ import annotations
 from pmod.cache import PmodCache
 from pmod.config import ModConfig, PmodConfig, TextConfig, VisionConfig
 from pmod.flops import count_flops, kv_cache_bytes
-from pmod.io import from_pretrained, load_config, save_pretrained
+from pmod.io import load_config, save_pretrained
 from pmod.multimodal.processor import PmodProcessor, load_processor
-from pmod.modeling.llava import PmodForConditionalGeneration, PmodOutput
+from pmod.modeling.llava import PmodForConditionalGeneration, PmodOutput, from_pretrained
 from pmod.modeling.mod import RoutingRecord
 from pmod.packing import IMAGE_TOKEN_INDEX, IGNORE_INDEX
 from pmod.schedule import prd_schedule

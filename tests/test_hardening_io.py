@@ -300,7 +300,7 @@ def test_a_pickle_in_place_of_weights_is_refused_without_running(tmp_path):
     marker = tmp_path / "PWNED"
     planted_pickle(tmp_path / "pytorch_model.bin", marker)
     with pytest.raises(CheckpointError, match=r"pytorch_model\.bin.*(refused|cannot read)"):
-        pmod.io.read_tensors(tmp_path / "pytorch_model.bin")
+        pmod.io.files.read_tensors(tmp_path / "pytorch_model.bin")
     assert not marker.exists()
 
 

@@ -2,7 +2,7 @@
 without importing the loader)."""
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "CheckpointNotFoundError"]
+__all__ = ["CheckpointError", "CheckpointNotFoundError", "show_names"]
 
 
 class CheckpointError(ValueError):
@@ -15,3 +15,9 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
 
     def __str__(self) -> str:  # OSError's str would show (errno, strerror) for two arguments
         return str(self.args[0]) if self.args else ""
+
+
+def show_names(items: list[str], n: int = 12) -> str:
+    """The first `n` of `items` for an error message, then how many more (every listing error of pmod.io uses it)."""
+    more = f" ... and {len(items) - n} more" if len(items) > n else ""
+    return ", ".join(items[:n]) + more

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from pmod.io.errors import CheckpointError
+from pmod.io.errors import CheckpointError, show_names
 
 __all__ = ["KeyMap", "OURS", "OFFICIAL_PMOD", "LLAVA", "LLAVA_HF", "CLIP_TOWER"]
 
@@ -45,14 +45,8 @@ class KeyMap:
             elif new is not None:
                 out[k] = new
         if unknown:
-            raise CheckpointError(f"{self.name} checkpoint: {len(unknown)} key(s) match no known parameter: {_show(unknown)}")
+            raise CheckpointError(f"{self.name} checkpoint: {len(unknown)} key(s) match no known parameter: {show_names(sorted(unknown))}")
         return out
-
-
-def _show(keys: list[str], n: int = 12) -> str:
-    keys = sorted(keys)
-    more = f" ... and {len(keys) - n} more" if len(keys) > n else ""
-    return ", ".join(keys[:n]) + more
 
 
 OURS = KeyMap("pmod", [(r".+", r"\g<0>")], [(r".+", [r"\g<0>"])])

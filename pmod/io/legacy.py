@@ -11,7 +11,15 @@ from typing import Any
 
 from pmod.config import ModConfig, PmodConfig, TextConfig, VisionConfig
 
-__all__ = ["parse_schedule", "parse_router_norm", "text_config_from_llama", "pmod_config_from_official", "official_ratios"]
+__all__ = ["CLIP_VISION_FIELDS", "parse_schedule", "parse_router_norm", "text_config_from_llama",
+           "pmod_config_from_official", "official_ratios"]
+
+# The CLIP fields a VisionConfig keeps from a tower's config.json (here, beside the other legacy formats).
+CLIP_VISION_FIELDS = (
+    "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels", "image_size",
+    "patch_size", "hidden_act", "layer_norm_eps", "attention_dropout", "projection_dim", "initializer_range",
+    "initializer_factor",
+)
 
 _DECAY = re.compile(r"(shiftedcos|shiftedlinear)_decay_(\d+(?:\.\d+)?)_(\d+(?:\.\d+)?)")
 _NORM = re.compile(r"(tanh|sigmoid|softmax|none)_(\d+(?:\.\d+)?)_(-?\d+(?:\.\d+)?)")
@@ -117,8 +125,6 @@ def pmod_config_from_llava(c: dict[str, Any], vision: VisionConfig) -> PmodConfi
 
 def pmod_config_from_llava_hf(c: dict[str, Any], image_processor: dict[str, Any] | None = None) -> PmodConfig:
     """transformers' llava-hf layout (`llava`, `llava_next`): nested text/vision configs, dense."""
-    from pmod.io import CLIP_VISION_FIELDS  # the one whitelist of CLIP fields
-
     tc, vc = dict(c["text_config"]), dict(c["vision_config"])
     if vc.get("model_type", "clip_vision_model") not in ("clip_vision_model", "clip"):
         raise ValueError(f"llava-hf vision tower {vc.get('model_type')!r} unsupported; pmod loads CLIP towers")

@@ -20,6 +20,7 @@ from torch import nn
 from pmod.attention import resolve_backend
 from pmod.cache import PmodCache
 from pmod.config import PmodConfig
+from pmod.io import load_checkpoint, save_pretrained
 from pmod.modeling.block import AttnContext
 from pmod.modeling.decoder import LanguageModel
 from pmod.modeling.mod import RoutingRecord
@@ -28,7 +29,7 @@ from pmod.modeling.vision import build_vision_tower
 from pmod.packing import IGNORE_INDEX, Layout, build_layout
 from pmod.validation import check_batch, check_images
 
-__all__ = ["PmodForConditionalGeneration", "PmodOutput"]
+__all__ = ["PmodForConditionalGeneration", "PmodOutput", "from_pretrained"]
 
 ImageSize = tuple[int, int]  # (width, height)
 
@@ -94,13 +95,9 @@ class PmodForConditionalGeneration(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str, **kwargs) -> "PmodForConditionalGeneration":
-        from pmod.io import from_pretrained
-
         return from_pretrained(path, **kwargs)
 
     def save_pretrained(self, folder: str, **kwargs) -> None:
-        from pmod.io import save_pretrained
-
         save_pretrained(self, folder, **kwargs)
 
     @property
@@ -255,6 +252,12 @@ class PmodForConditionalGeneration(nn.Module):
         from pmod.generate import generate
 
         return generate(self, input_ids, images=images, image_sizes=image_sizes, attention_mask=attention_mask, **kwargs)
+
+
+def from_pretrained(path, *, attn_backend: str = "auto", **kwargs) -> PmodForConditionalGeneration:
+    """`pmod.from_pretrained`: any supported checkpoint as our model (`pmod.io.load_checkpoint` names the options:
+    dtype, device, device_map, vision_tower, config, mod, check_finite)."""
+    return load_checkpoint(path, lambda cfg: PmodForConditionalGeneration(cfg, attn_backend=attn_backend), **kwargs)
 
 
 def _num_images(images) -> int:

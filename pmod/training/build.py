@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 
 from pmod.config import ModConfig, PmodConfig
-from pmod.io import CheckpointError, read_mapped, clip_vision_config, from_pretrained, load_config
+from pmod.io import CheckpointError, clip_vision_config, load_config, read_mapped
 from pmod.io.files import read_tensors, resolve_folder, weight_files
 from pmod.io.keymaps import CLIP_TOWER, LLAVA
 from pmod.io.legacy import text_config_from_llama
-from pmod.modeling.llava import PmodForConditionalGeneration
+from pmod.modeling.llava import PmodForConditionalGeneration, from_pretrained
 from pmod.modeling.projector import build_projector
 from pmod.multimodal.anyres import pinpoints_from_grids
 from pmod.multimodal.processor import PmodProcessor, load_tokenizer
