@@ -21,7 +21,7 @@ __version__ = "0.1.0"
 
 def list_strategies() -> list[str]:
     """Names of the fine-tuning strategies `pmod train --strategy` accepts (imports pmod.peft lazily)."""
-    from pmod.training.strategy import list_strategies as _list
+    from pmod.peft import list_strategies as _list
 
     return _list()
 

@@ -68,7 +68,7 @@ def _answer(model, processor, messages, images, args, out=None) -> tuple[str, st
     import torch
 
     out = out or sys.stdout
-    from pmod.report import measure_efficiency
+    from pmod.evaluation.efficiency import measure_efficiency
 
     inputs = processor(messages, images=images or None)
     _check_context(model, inputs, args.max_new_tokens)
@@ -152,7 +152,7 @@ def _generate_requests(args) -> int:
 
     import torch
 
-    from pmod.report import measure_efficiency
+    from pmod.evaluation.efficiency import measure_efficiency
 
     if args.prompt is not None or args.image:
         raise ValueError("--requests holds the prompts and images; do not combine it with --prompt / --image")
@@ -353,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="element type of the KV cache bytes (default float16)")
     p.set_defaults(fn=cmd_flops)
 
-    for name, module in (("train", "pmod.training.cli"), ("eval", "pmod.evaluation.cli"), ("bench", "pmod.bench"), ("demo", "pmod.demo"), ("compare-strategies", "pmod.peft.compare")):
+    for name, module in (("train", "pmod.training.cli"), ("eval", "pmod.evaluation.cli"), ("bench", "pmod.bench"), ("demo", "pmod.tools.demo"), ("compare-strategies", "pmod.tools.compare")):
         try:
             mod = __import__(module, fromlist=["add_parser"])
         except ModuleNotFoundError as e:

@@ -7,6 +7,7 @@ place, `pmod.io.legacy`; everything else reads these typed fields.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -14,6 +15,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from pmod.config_checks import _check, _check_ints, _check_reals, _is_int, _is_real, from_fields
 from pmod.schedule import SCHEDULES, prd_schedule
 
 __all__ = ["TextConfig", "VisionConfig", "ModConfig", "PmodConfig", "CONFIG_NAME", "MODEL_TYPE"]
@@ -23,45 +25,6 @@ MODEL_TYPE = "pmod"
 ROUTER_NORMS = ("tanh", "sigmoid", "softmax", "none")
 PROJECTORS = ("mlp2x_gelu", "linear")
 VISION_BACKENDS = ("clip", "siglip", "timm")
-
-
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ValueError(msg)
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_real(v: Any) -> bool:
-    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
-
-
-def _check_ints(owner: str, obj: Any, names: tuple[str, ...], minimum: int = 1, optional: bool = False) -> None:
-    """Each field an int (not a bool, not a string) >= minimum; the message names the field and the value."""
-    for name in names:
-        v = getattr(obj, name)
-        if v is None and optional:
-            continue
-        _check(_is_int(v), f"{owner}: {name} must be an integer, got {v!r} ({type(v).__name__})")
-        _check(v >= minimum, f"{owner}: {name} must be >= {minimum}, got {v}")
-
-
-def _check_reals(owner: str, obj: Any, names: tuple[str, ...], positive: bool = False) -> None:
-    for name in names:
-        v = getattr(obj, name)
-        _check(_is_real(v), f"{owner}: {name} must be a finite number, got {v!r} ({type(v).__name__})")
-        _check(not positive or v > 0, f"{owner}: {name} must be positive, got {v}")
-
-
-def _from_fields(cls: type, d: Any, where: str) -> Any:
-    """Build a config dataclass from a dict, naming unknown fields (instead of a TypeError from __init__)."""
-    _check(isinstance(d, dict), f"PmodConfig: {where} must be a mapping of fields, got {type(d).__name__}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    _check(not unknown, f"PmodConfig: unknown field(s) {[f'{where}.{k}' for k in unknown]}; {cls.__name__} has {sorted(known)}")
-    return cls(**d)
 
 
 @dataclass
@@ -142,6 +105,7 @@ class VisionConfig:
     clip: dict = field(default_factory=dict)
     timm_model: str | None = None
     timm_kwargs: dict = field(default_factory=dict)
+    timm_width: int | None = None  # the backbone's num_features, declared: reading a width never builds a network
     select_layer: int = -2
     select_feature: str = "patch"  # "patch" drops CLS, "cls_patch" keeps it
     image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
@@ -158,6 +122,10 @@ class VisionConfig:
         _check(_is_int(self.select_layer), f"VisionConfig: select_layer must be an integer, got {self.select_layer!r}")
         if self.backend == "timm":
             _check(bool(self.timm_model), "VisionConfig: backend='timm' needs timm_model")
+            width = self.timm_kwargs.get("embed_dim", self.timm_width)
+            _check(_is_int(width) and width >= 1,
+                   f"VisionConfig: backend='timm' needs the feature width as timm_width (or timm_kwargs['embed_dim']), "
+                   f"got {width!r}; e.g. 192 for vit_tiny_patch16_224")
         else:
             _check(isinstance(self.clip, dict), f"VisionConfig: clip must be a mapping of tower config fields, got {self.clip!r}")
             for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
@@ -182,7 +150,7 @@ class VisionConfig:
     def hidden_size(self) -> int:
         if self.backend != "timm":
             return int(self.clip.get("hidden_size", 768))  # CLIPVisionConfig / SiglipVisionConfig defaults
-        return int(self.timm_kwargs["embed_dim"]) if "embed_dim" in self.timm_kwargs else _timm_width(self.timm_model)
+        return int(self.timm_kwargs.get("embed_dim", self.timm_width))
 
     @property
     def image_size(self) -> int:
@@ -201,12 +169,6 @@ class VisionConfig:
         """Tokens per S x S image after feature selection."""
         side = self.image_size // self.patch_size
         return side * side + (1 if self.select_feature == "cls_patch" else 0)
-
-
-def _timm_width(name: str) -> int:
-    import timm
-
-    return timm.create_model(name, pretrained=False, num_classes=0).num_features
 
 
 @dataclass
@@ -281,11 +243,11 @@ class PmodConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.text, dict):
-            self.text = _from_fields(TextConfig, self.text, "text")
+            self.text = from_fields(TextConfig, self.text, "PmodConfig", "text")
         if isinstance(self.vision, dict):
-            self.vision = _from_fields(VisionConfig, self.vision, "vision")
+            self.vision = from_fields(VisionConfig, self.vision, "PmodConfig", "vision")
         if isinstance(self.mod, dict):
-            self.mod = _from_fields(ModConfig, self.mod, "mod")
+            self.mod = from_fields(ModConfig, self.mod, "PmodConfig", "mod")
         for name, cls in (("text", TextConfig), ("vision", VisionConfig), ("mod", ModConfig)):
             _check(isinstance(getattr(self, name), cls), f"PmodConfig: {name} must be a {cls.__name__} or a dict, "
                                                          f"got {type(getattr(self, name)).__name__}")
@@ -334,14 +296,25 @@ class PmodConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "PmodConfig":
-        d = dict(d)
+        _check(isinstance(d, dict), f"PmodConfig.from_dict: expected a mapping of fields, got {type(d).__name__}")
         if d.get("model_type", MODEL_TYPE) != MODEL_TYPE:
             raise ValueError(f"PmodConfig.from_dict: model_type={d.get('model_type')!r}, expected {MODEL_TYPE!r}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"PmodConfig.from_dict: unknown fields {unknown}")
-        return cls(**d)
+        return from_fields(cls, dict(d), "PmodConfig.from_dict")
+
+    @classmethod
+    def from_name(cls, name: str, **changes: Any) -> "PmodConfig":
+        """A named preset (`pmod.presets.PRESETS`: llava-1.5-7b, llava-1.5-13b, llava-next-7b, synth-compare) with
+        the paper's p-MoD schedule unless `mod=` says otherwise. `changes` override fields; a dict for `text`,
+        `vision` or `mod` updates the preset's fields rather than replacing them all."""
+        from pmod.presets import PRESETS
+
+        if name not in PRESETS:
+            raise ValueError(f"PmodConfig.from_name: unknown preset {name!r}; known: {sorted(PRESETS)}")
+        d = copy.deepcopy(PRESETS[name])
+        for k, v in changes.items():
+            v = _as_dict(v)
+            d[k] = {**d[k], **v} if isinstance(v, dict) and isinstance(d.get(k), dict) else v
+        return cls.from_dict(d)
 
     def save(self, folder: str | os.PathLike) -> None:
         """config.json, written atomically (temp file, fsync, rename): never left empty by a crash."""

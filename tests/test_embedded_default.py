@@ -10,7 +10,7 @@ import torch
 
 import pmod
 from pmod.cli import main
-from pmod.demo import DENSE_CKPT, PMOD_CKPT
+from pmod.evaluation.synth_vqa import DENSE_CKPT, PMOD_CKPT
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -77,7 +77,7 @@ def test_demo_on_the_shipped_checkpoints(tmp_path):
 
 def test_demo_bars_stay_out_of_logs(capsys):
     """Where stderr is not a terminal (a log, a pipe) the demo draws no bars: no carriage returns in the file."""
-    from pmod.demo import _bar
+    from pmod.evaluation.synth_vqa import progress as _bar
 
     bar = _bar(range(3), "x")
     assert bar.disable and list(bar) == [0, 1, 2] and "\r" not in capsys.readouterr().err
@@ -126,7 +126,7 @@ def test_text_probe_scores_each_question_type_over_words():
 
 
 def test_question_attention_reads_the_shipped_dense_model(tmp_path):
-    from pmod.synthetic import write_split
+    from pmod.tools.synthetic import write_split
 
     write_split(tmp_path, "val", 12)
     done = subprocess.run([sys.executable, str(REPO / "train" / "question_attention.py"), str(DENSE_CKPT), "--data",

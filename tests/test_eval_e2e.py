@@ -73,7 +73,7 @@ def test_cli_run_gives_scores_and_table(setup):
 def test_cost_columns_equal_the_accounting_modules(setup):
     """Per sample, the same prompt through the processor: measure_efficiency, count_flops, kv_cache_bytes and the
     bytes of a real prefill cache; their means are the table's columns."""
-    from pmod.report import measure_efficiency
+    from pmod.evaluation.efficiency import measure_efficiency
 
     costs = _table(setup)["models"][0]["costs"]["pmod_synth"]
     model = pmod.from_pretrained(setup["ckpt"], dtype=torch.float32, device="cpu").eval()

@@ -36,7 +36,7 @@ def _ours(tmp_path, edit) -> object:
     (lambda d: d["text"].update(rms_norm_eps=0), r"rms_norm_eps must be positive"),
     (lambda d: d["text"].update(rope_theta=float("nan")), r"rope_theta must be a finite number"),
     (lambda d: d["text"].update(flux_capacitor=1), r"unknown field\(s\) \['text\.flux_capacitor'\]"),
-    (lambda d: d.update(flux_capacitor=1), r"unknown fields \['flux_capacitor'\]"),
+    (lambda d: d.update(flux_capacitor=1), r"unknown field\(s\) \['flux_capacitor'\]"),
     (lambda d: d["vision"]["clip"].update(num_attention_heads=5), r"VisionConfig: hidden_size=32 is not divisible"),
     (lambda d: d["vision"]["clip"].update(image_size=-42), r"image_size must be a positive integer, got -42"),
     (lambda d: d["mod"].update(avg_ratio=2.0), r"avg_ratio=2\.0 is outside \(0, 1\]"),

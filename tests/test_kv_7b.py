@@ -8,19 +8,12 @@ import pytest
 import torch
 
 import pmod
-from pmod.config import ModConfig, PmodConfig, TextConfig, VisionConfig
+from pmod.config import ModConfig, PmodConfig
 from pmod.flops import kv_cache_bytes
-from pmod.multimodal.anyres import NEXT_GRIDS, pinpoints_from_grids
 
 
 def next_7b(mod: ModConfig) -> PmodConfig:
-    return PmodConfig(
-        text=TextConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
-        vision=VisionConfig(clip=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                                      image_size=336, patch_size=14)),
-        mod=mod, image_aspect_ratio="anyres", mm_patch_merge_type="spatial_unpad",
-        image_grid_pinpoints=pinpoints_from_grids(NEXT_GRIDS[4], 336), model_max_length=4096,
-    )
+    return PmodConfig.from_name("llava-next-7b", mod=mod)
 
 
 def measured_cache(mod: ModConfig, n_text: int = 58):

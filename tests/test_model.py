@@ -179,8 +179,7 @@ def test_backends_against_float64(backend):
 
 
 def test_meta_device_construction_at_7b_shapes():
-    cfg = tiny_config().replace(text=dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                                          num_attention_heads=32, max_position_embeddings=4096))
+    cfg = pmod.PmodConfig.from_name("llava-1.5-7b", vision=tiny_config().vision)  # Vicuna-7B decoder, a tiny tower
     with torch.device("meta"):
         model = PmodForConditionalGeneration(cfg)
     n = sum(p.numel() for n_, p in model.named_parameters() if n_.startswith(("language_model", "lm_head")))
@@ -193,7 +192,13 @@ def test_timm_tower_matches_its_blocks():
     from pmod.config import VisionConfig
     from pmod.modeling.vision import TimmTower
 
-    tower = TimmTower(VisionConfig(backend="timm", timm_model="vit_tiny_patch16_224", timm_kwargs=dict(img_size=32, depth=3))).eval()
+    cfg = VisionConfig(backend="timm", timm_model="vit_tiny_patch16_224", timm_kwargs=dict(img_size=32, depth=3), timm_width=192)
+    assert cfg.hidden_size == 192  # declared: reading it builds nothing
+    with pytest.raises(ValueError, match="timm_width"):
+        VisionConfig(backend="timm", timm_model="vit_tiny_patch16_224")
+    with pytest.raises(ValueError, match="timm_width=100 but vit_tiny_patch16_224 has 192"):
+        TimmTower(VisionConfig(backend="timm", timm_model="vit_tiny_patch16_224", timm_kwargs=dict(img_size=32, depth=1), timm_width=100))
+    tower = TimmTower(cfg).eval()
     x = torch.randn(2, 3, 32, 32)
     m = tower.model
     with torch.no_grad():

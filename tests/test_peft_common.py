@@ -7,7 +7,8 @@ from conftest import make_batch, tiny_model
 
 import pmod.peft as peft_strategies
 from pmod.training.config import TrainConfig
-from pmod.training.strategy import Strategy, stage_roles
+from pmod.peft.strategy import Strategy
+from pmod.training.stages import stage_roles
 
 FINETUNE = stage_roles("finetune")
 ALL = ["bone", "full", "gradnormlorp", "lisa", "lora", "lora-ggpo", "lora-mgpo", "miss", "ticket"]

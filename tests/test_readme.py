@@ -33,7 +33,7 @@ def readme_commands() -> list[str]:
 def checkout(tmp_path, monkeypatch):
     """A scratch working folder: pmod/assets -> the shipped checkpoints, demo-output/data -> the demo's test split
     (the same images `pmod demo` writes: fixed seed), questions.jsonl for `--requests`."""
-    from pmod.synthetic import write_split
+    from pmod.tools.synthetic import write_split
 
     (tmp_path / "pmod").mkdir()
     (tmp_path / "pmod" / "assets").symlink_to(REPO / "pmod" / "assets")

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 
-from pmod.synthetic import (
+from pmod.tools.synthetic import (
     CELLS,
     COLORS,
     DESCRIBE,
@@ -115,7 +115,7 @@ def test_patch_labels_mark_the_pixels_each_object_draws():
 
 
 def test_text_conversations_put_the_scene_in_words_before_the_questions():
-    from pmod.synthetic import parse_caption, text_conversations
+    from pmod.tools.synthetic import parse_caption, text_conversations
 
     convs = text_conversations(20, seed=5, rounds=3, types=("exists", "color"))
     assert convs == text_conversations(20, seed=5, rounds=3, types=("exists", "color"))  # deterministic

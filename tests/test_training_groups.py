@@ -4,7 +4,8 @@ from __future__ import annotations
 from conftest import tiny_model
 
 from pmod.training import TrainConfig, get_strategy
-from pmod.training.strategy import param_role, set_trainable, stage_roles
+from pmod.peft.roles import param_role, set_trainable
+from pmod.training.stages import stage_roles
 
 
 def _groups(**lrs):

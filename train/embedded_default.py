@@ -3,7 +3,7 @@
     python train/embedded_default.py                  # ~30 min on 2 CPU cores, writes pmod/assets/tiny-synth-{pmod,dense}
     python train/embedded_default.py --vision-steps 10 --align-steps 10 --text-steps 10 --steps 10 --no-install   # a quick check
 
-LLaVA's two stages, on the synthetic task of `pmod.synthetic`, after a stage 0 that stands in for CLIP and with
+LLaVA's two stages, on the synthetic task of `pmod.tools.synthetic`, after a stage 0 that stands in for CLIP and with
 a stage 1b between them that stands in for the pretrained LLM:
 
 0. Vision pre-training (`train/pretrain_vision.py`, 2 threads): the CLIP-style ViT, from scratch, learns to
@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 from pmod import PmodForConditionalGeneration, PmodProcessor
 from pmod.config import ModConfig, PmodConfig, TextConfig, VisionConfig
-from pmod.synthetic import corpus, text_conversations, train_tokenizer, write_dataset
+from pmod.tools.synthetic import corpus, text_conversations, train_tokenizer, write_dataset
 from pmod.training import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]

@@ -7,7 +7,7 @@ captions alone does not get there: a caption can be read off a whole cell, so si
 their colour (a linear probe reads it from 87 % of object patches) but not the shape of the object they belong
 to (38 %, chance 25 %). Questions that name an object by its shape ("What color is the circle?", "Is there
 a red circle?") then have nothing to match in the decoder's attention. This stage gives the patches that
-knowledge: per-patch shape / colour / size of the covering object or background (`pmod.synthetic.patch_labels`),
+knowledge: per-patch shape / colour / size of the covering object or background (`pmod.tools.synthetic.patch_labels`),
 three linear heads on the tower's selected layer, cross-entropy, then the heads are dropped. Writes the
 tower back into the model folder.
 """
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pmod import PmodForConditionalGeneration, load_processor
-from pmod.synthetic import COLORS, SHAPES, patch_labels
+from pmod.tools.synthetic import COLORS, SHAPES, patch_labels
 from pmod.training.schedule import build_scheduler
 
 HEADS = {"shape": 1 + len(SHAPES), "color": 1 + len(COLORS), "size": 3}  # classes, background = 0

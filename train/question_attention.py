@@ -18,7 +18,7 @@ from PIL import Image
 import pmod
 from pmod.modeling.rope import apply_rope
 from pmod.packing import IMAGE_TOKEN_INDEX
-from pmod.synthetic import SHAPES
+from pmod.tools.synthetic import SHAPES
 
 
 def last_token_attention(model) -> tuple[list[torch.Tensor], list]:
@@ -39,7 +39,7 @@ def last_token_attention(model) -> tuple[list[torch.Tensor], list]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model")
-    ap.add_argument("--data", required=True, help="a folder written by pmod.synthetic.write_dataset")
+    ap.add_argument("--data", required=True, help="a folder written by pmod.tools.synthetic.write_dataset")
     ap.add_argument("--n", type=int, default=40, help="validation records read (colour and existence ones used)")
     args = ap.parse_args()
     torch.set_num_threads(1)

@@ -5,7 +5,7 @@
 
 Separates what the decoder can do with a question from what it can see: a type at chance here (e.g. the
 existence check) cannot be above chance over image patches either (BENCHMARKS.md, "what the decoder can
-learn"). Scenes come from `pmod.synthetic.text_conversations` at a seed of their own, unseen in training.
+learn"). Scenes come from `pmod.tools.synthetic.text_conversations` at a seed of their own, unseen in training.
 """
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from collections import Counter
 import torch
 
 import pmod
-from pmod.demo import normalize
-from pmod.synthetic import QUESTION_TYPES, ask, describe, make_scene
+from pmod.evaluation.synth_vqa import normalize
+from pmod.tools.synthetic import QUESTION_TYPES, ask, describe, make_scene
 
 PROBE_SEED = 9_000_011
 

@@ -77,7 +77,7 @@ def cmd_eval(args) -> int:
     from pmod.evaluation.run import ModelRun, evaluate
 
     if args.model is None:
-        from pmod.demo import PMOD_CKPT
+        from pmod.evaluation.synth_vqa import PMOD_CKPT
 
         args.model = str(PMOD_CKPT)
     paths = [args.model] + ([args.compare] if args.compare else [])

@@ -9,7 +9,7 @@ knows nothing of routing. Prompts follow lmms-eval's LLaVA model (an ``<image>``
 task names none, then the checkpoint's conversation template, vicuna_v1 for the paper's models).
 
 Every request also leaves one JSON line in a journal, ``pmod_requests.rank<R>.jsonl``: its prefill cost measured by
-`pmod.report.measure_efficiency` on that request's own layout (vision tokens, kept-token ratio, TFLOPs and KV bytes
+`pmod.evaluation.efficiency.measure_efficiency` on that request's own layout (vision tokens, kept-token ratio, TFLOPs and KV bytes
 against the dense twin) and its response. `pmod.evaluation.run` averages the costs beside the scores. The journal is
 written after every batch, so a run that is interrupted and started again with the same journal reuses the finished
 deterministic responses instead of recomputing them (lmms-eval's ``--use_cache`` stores responses only once the
@@ -41,7 +41,7 @@ from pmod.evaluation.journal import Journal, model_hash
 from pmod.flops import count_flops, kv_cache_bytes
 from pmod.multimodal.templates import IMAGE_PLACEHOLDER
 from pmod.packing import build_layout
-from pmod.report import measure_efficiency
+from pmod.evaluation.efficiency import measure_efficiency
 
 __all__ = ["PmodLmms", "request_efficiency"]
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}

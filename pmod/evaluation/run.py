@@ -46,7 +46,7 @@ class ModelRun:
 
 def write_tiny_synth(root: str | Path, n: int = 12, image_size: int = 64) -> Path:
     """A small pmod_synth dataset: `test.jsonl` (id, image, question, answer, type) and `images/`."""
-    from pmod.synthetic import write_split
+    from pmod.tools.synthetic import write_split
 
     write_split(root, "test", n, image_size)
     return Path(root)
@@ -223,7 +223,7 @@ def build_table(summaries: list[dict], tasks: list[str], out: Path) -> dict[str,
     notes = [
         "", "Score: lmms-eval's metric in the paper's unit (percent; MME-P is a sum of subtask scores). Costs are means",
         f"per request of the prefill, from the plugin's journal: {unit} in the complete convention (all matmuls incl.",
-        "attention scores; `pmod.report.measure_efficiency`), kept = vision tokens processed averaged over layers,",
+        "attention scores; `pmod.evaluation.efficiency.measure_efficiency`), kept = vision tokens processed averaged over layers,",
         "KV = cache bytes after prefill in the model's dtype; 'vs dense' = the same prompt through the dense twin.",
         "results.json also has the paper's FLOPs convention (tflops_paper). Paper TFLOPs/KV for its rows: "
         + ", ".join(f"{p} {PAPER_EFFICIENCY[p]['tflops']} TFLOPs, KV {100 * PAPER_EFFICIENCY[p]['kv_ratio']:.1f} %" for p in paper) + ".",

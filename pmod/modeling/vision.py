@@ -55,6 +55,9 @@ class TimmTower(nn.Module):
 
         self.cfg = cfg
         self.model = timm.create_model(cfg.timm_model, pretrained=False, num_classes=0, **cfg.timm_kwargs)
+        if self.model.num_features != cfg.hidden_size:
+            raise ValueError(f"VisionConfig: timm_width={cfg.hidden_size} but {cfg.timm_model} has {self.model.num_features} "
+                             f"features; declare its real width")
         depth = len(self.model.blocks)
         self.index = cfg.select_layer + depth if cfg.select_layer < 0 else cfg.select_layer - 1
         if not 0 <= self.index < depth:

@@ -1,4 +1,4 @@
-"""Fine-tuning strategies for the p-MoD decoder, registered in `pmod.training.strategy`'s registry.
+"""Fine-tuning strategies for the p-MoD decoder: their protocol and registry (`pmod.peft.strategy`) and each one.
 
     import pmod.peft
     pmod.peft.list_strategies()   # full, gradnormlorp, lisa, lora, lora-ggpo, lora-mgpo, bone, miss, ticket
@@ -33,9 +33,18 @@ from pmod.peft.base import (
     target_linears,
     trainable_count,
 )
-from pmod.training.strategy import get_strategy, list_strategies
+from pmod.peft.roles import ROLES, param_role, set_trainable, trainable_summary
+from pmod.peft.strategy import BaseStrategy, FullStrategy, Strategy, get_strategy, list_strategies, register_strategy
 
 __all__ = [
+    "ROLES",
+    "BaseStrategy",
+    "FullStrategy",
+    "Strategy",
+    "param_role",
+    "register_strategy",
+    "set_trainable",
+    "trainable_summary",
     "TARGETS",
     "PeftStrategy",
     "get_strategy",

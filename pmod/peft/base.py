@@ -28,15 +28,18 @@ from torch import nn
 from pmod.io.atomic import atomic_write_text
 from pmod.io.files import save_safetensors
 
-from pmod.training.strategy import ROLES, BaseStrategy, get_strategy, param_role, set_trainable
+from pmod.peft.roles import ROLES, param_role, set_trainable
+from pmod.peft.strategy import BaseStrategy, get_strategy
 
 __all__ = [
+    "ADAPTER",
     "DEFAULT_ALSO_TRAIN",
     "STRATEGY_DIR",
     "TARGETS",
     "PeftStrategy",
     "check_options",
     "copy_into",
+    "declared_adapter_params",
     "load_trained",
     "optimizer_state_bytes",
     "optimizer_state_bytes_8bit",
@@ -44,12 +47,14 @@ __all__ = [
     "target_regex",
     "trainable_count",
     "unwrap_optimizer",
+    "with_bias",
     "write_meta",
 ]
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DEFAULT_ALSO_TRAIN = ("router", "projector")
 STRATEGY_DIR = "strategy"
+ADAPTER = "default"  # peft's adapter name; one adapter per model here
 _PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
            "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 
@@ -115,13 +120,36 @@ def optimizer_state_bytes_8bit(optimizer: torch.optim.Optimizer, block: int = 25
     return total
 
 
+def declared_adapter_params(model: nn.Module, adapter: str = ADAPTER) -> dict[str, nn.Parameter]:
+    """{name: parameter} of the adapters, found by the attribute names each adapted layer declares in
+    `adapter_layer_names` (peft's tuner-layer protocol: `lora_A`, `lora_B`, `lora_magnitude_vector`, `miss_block`,
+    ...; our own adapted layers declare it too), never by a substring of parameter names."""
+    ids = set()
+    for m in model.modules():
+        for attr in getattr(m, "adapter_layer_names", ()):
+            holder = getattr(m, attr, None)
+            if isinstance(holder, nn.Parameter):
+                ids.add(id(holder))
+            elif isinstance(holder, (nn.ModuleDict, nn.ParameterDict)) and adapter in holder:
+                sub = holder[adapter]
+                ids |= {id(p) for p in ([sub] if isinstance(sub, nn.Parameter) else sub.parameters())}
+    return {n: p for n, p in model.named_parameters() if id(p) in ids}
+
+
+def with_bias(weight: torch.Tensor, sub: dict[str, torch.Tensor], bias_key: str = "base_layer.bias") -> dict[str, torch.Tensor]:
+    """A merged linear's state: the merged weight, and the linear's own bias passed through (no strategy here
+    adapts a bias)."""
+    return {"weight": weight, **({"bias": sub[bias_key]} if bias_key in sub else {})}
+
+
 def trainable_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 class PeftStrategy(BaseStrategy):
     """Base of the strategies that adapt the target linears. Subclasses set `options` and implement
-    `adapt(model)` (add adapters / masks), `adapter_params(model)` (what `adapt` added or selects),
+    `adapt(model)` (add adapters / masks), `adapter_params(model)` (what `adapt` added or selects; by default
+    what the adapted layers declare),
     `adapted_prefixes(state)` and `merge_linear(sub) -> {"weight", "bias"?}` (the closed-form merge of one
     adapted linear from its own state dict: the same code serves `export` on a gathered state and `merge`)."""
 
@@ -140,7 +168,8 @@ class PeftStrategy(BaseStrategy):
         raise NotImplementedError
 
     def adapter_params(self, model: nn.Module) -> dict[str, nn.Parameter]:
-        raise NotImplementedError
+        """What `adapt` added: by default the parameters the adapted layers declare (`declared_adapter_params`)."""
+        return declared_adapter_params(model)
 
     def adapted_prefixes(self, state: dict[str, torch.Tensor]) -> list[str]:
         """Module names (in `state`'s naming) of the adapted linears."""

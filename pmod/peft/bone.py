@@ -18,9 +18,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from pmod.peft.base import DEFAULT_ALSO_TRAIN, TARGETS, PeftStrategy, check_options, target_linears, target_regex
-from pmod.peft.lora import ADAPTER
-from pmod.training.strategy import register_strategy
+from pmod.peft.base import (
+    ADAPTER,
+    DEFAULT_ALSO_TRAIN,
+    TARGETS,
+    PeftStrategy,
+    check_options,
+    target_linears,
+    target_regex,
+    with_bias,
+)
+from pmod.peft.strategy import register_strategy
 
 __all__ = ["BoneStrategy", "MissStrategy", "bat_delta", "miss_delta"]
 
@@ -84,18 +92,12 @@ class _MissBase(PeftStrategy):
         self.check_shapes(model)
         inject_adapter_in_model(self.peft_config(), model.language_model)
 
-    def adapter_params(self, model: nn.Module) -> dict[str, nn.Parameter]:
-        return {n: p for n, p in model.named_parameters() if ".miss_block." in n}
-
     def delta(self, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def merge_linear(self, sub: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         w = sub["base_layer.weight"]
-        out = {"weight": (w.float() + self.delta(w.float(), sub[f"miss_block.{ADAPTER}"].float())).to(w.dtype)}
-        if "base_layer.bias" in sub:
-            out["bias"] = sub["base_layer.bias"]
-        return out
+        return with_bias((w.float() + self.delta(w.float(), sub[f"miss_block.{ADAPTER}"].float())).to(w.dtype), sub)
 
 
 @register_strategy("bone")

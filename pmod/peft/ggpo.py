@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pmod.peft.base import check_options, unwrap_optimizer
-from pmod.peft.lora import ADAPTER, LoraStrategy
-from pmod.training.strategy import register_strategy
+from pmod.peft.base import ADAPTER, check_options, unwrap_optimizer
+from pmod.peft.lora import LoraStrategy
+from pmod.peft.strategy import register_strategy
 
 __all__ = ["LoraGGPOStrategy", "LoraMGPOStrategy", "lora_delta_grad"]
 

@@ -29,10 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pmod.peft.base import DEFAULT_ALSO_TRAIN, TARGETS, PeftStrategy, check_options, target_linears
+from pmod.peft.base import DEFAULT_ALSO_TRAIN, TARGETS, PeftStrategy, check_options, target_linears, with_bias
 from pmod.peft.galore import PROJ_TYPES, GaLoreAdamW
 from pmod.peft.lora import LoraStrategy, lora_merge
-from pmod.training.strategy import register_strategy
+from pmod.peft.strategy import register_strategy
 
 __all__ = ["GradNormLoRPStrategy", "WeightNormLinear"]
 
@@ -40,6 +40,8 @@ __all__ = ["GradNormLoRPStrategy", "WeightNormLinear"]
 class WeightNormLinear(nn.Module):
     """y = x (g ⊙ V / ‖V‖_row)ᵀ + b. Built from a Linear: V is its weight (same tensor), g its row norms, so
     g / ‖V‖ is exactly 1 at init and the output is bitwise unchanged. The norm is not detached."""
+
+    adapter_layer_names = ("weight", "magnitude")  # what trains (`declared_adapter_params`); the bias does not
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -91,12 +93,6 @@ class GradNormLoRPStrategy(LoraStrategy):
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, WeightNormLinear(lin))
 
-    def adapter_params(self, model: nn.Module) -> dict[str, nn.Parameter]:
-        if self.mode == "dora":
-            return super().adapter_params(model)
-        return {f"{n}.{k}": p for n, m in self.adapted_modules(model).items() for k, p in m.named_parameters()
-                if k in ("weight", "magnitude")}
-
     def projected_params(self, model: nn.Module) -> dict[str, nn.Parameter]:
         """The 2-D matrices whose gradients are projected: DoRA's A and B, or the full-weight V."""
         return {n: p for n, p in self.adapter_params(model).items() if p.ndim == 2}
@@ -109,10 +105,7 @@ class GradNormLoRPStrategy(LoraStrategy):
     def merge_linear(self, sub: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.mode == "dora":
             return lora_merge(sub, self.scaling, dora=True)
-        out = {"weight": weight_norm(sub["weight"].float(), sub["magnitude"].float()).to(sub["weight"].dtype)}
-        if "bias" in sub:
-            out["bias"] = sub["bias"]
-        return out
+        return with_bias(weight_norm(sub["weight"].float(), sub["magnitude"].float()).to(sub["weight"].dtype), sub, "bias")
 
     def save(self, model: nn.Module, folder: Path, state: dict[str, torch.Tensor] | None = None) -> Path:
         return super().save(model, folder, state) if self.mode == "dora" else PeftStrategy.save(self, model, folder, state)
@@ -122,12 +115,8 @@ class GradNormLoRPStrategy(LoraStrategy):
         """GaLoreAdamW: one projected group (the 2-D adapter matrices, weight decay cfg.weight_decay), the rest
         as the base strategy groups them (no decay on 1-D tensors, projector lr)."""
         projected = [p for p in self.projected_params(model).values() if p.requires_grad]
-        ids = {id(p) for p in projected}
-        groups: list[dict[str, Any]] = [{"params": projected, "rank": self.rank, "update_proj_gap": self.gap, "scale": self.scale,
-                                         "proj_type": self.proj_type, "weight_decay": cfg.weight_decay}]
-        for g in self.param_groups(model, cfg):
-            rest = [p for p in g["params"] if id(p) not in ids]
-            if rest:
-                groups.append({**g, "params": rest})
+        groups = self.param_groups(model, cfg, own={"params": projected, "rank": self.rank, "update_proj_gap": self.gap,
+                                                    "scale": self.scale, "proj_type": self.proj_type,
+                                                    "weight_decay": cfg.weight_decay})
         return GaLoreAdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
                            bits=self.bits)

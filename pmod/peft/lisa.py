@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from pmod.peft.base import check_options, unwrap_optimizer, write_meta
-from pmod.training.strategy import ROLES, BaseStrategy, register_strategy, set_trainable, trainable_summary
+from pmod.peft.roles import ROLES, set_trainable, trainable_summary
+from pmod.peft.strategy import BaseStrategy, register_strategy
 
 __all__ = ["LisaStrategy", "lisa_layers"]
 

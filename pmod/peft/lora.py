@@ -25,12 +25,20 @@ import warnings
 import torch
 from torch import nn
 
-from pmod.peft.base import DEFAULT_ALSO_TRAIN, TARGETS, PeftStrategy, check_options, target_linears, target_regex
-from pmod.training.strategy import register_strategy
+from pmod.peft.base import (
+    ADAPTER,
+    DEFAULT_ALSO_TRAIN,
+    TARGETS,
+    PeftStrategy,
+    check_options,
+    target_linears,
+    target_regex,
+    with_bias,
+)
+from pmod.peft.strategy import register_strategy
 
 __all__ = ["LoraStrategy", "default_rank", "lora_merge"]
 
-ADAPTER = "default"
 LLAVA_RANK = 64
 
 
@@ -48,10 +56,7 @@ def lora_merge(sub: dict[str, torch.Tensor], scaling: float, dora: bool = False)
     if dora:
         m = sub[f"lora_magnitude_vector.{ADAPTER}.weight"].float()  # [out]
         v = v * (m / torch.linalg.norm(v, dim=1)).unsqueeze(1)
-    out = {"weight": v.to(w.dtype)}
-    if "base_layer.bias" in sub:
-        out["bias"] = sub["base_layer.bias"]
-    return out
+    return with_bias(v.to(w.dtype), sub)
 
 
 @register_strategy("lora")
@@ -107,9 +112,6 @@ class LoraStrategy(PeftStrategy):
         # Into the decoder only: its module names are what the regex matches, and peft's transformers-v5 weight
         # conversion (which expects a PreTrainedModel at the root) has nothing to convert there.
         inject_adapter_in_model(self.peft_config(), model.language_model)
-
-    def adapter_params(self, model: nn.Module) -> dict[str, nn.Parameter]:
-        return {n: p for n, p in model.named_parameters() if ".lora_" in n}
 
     def lora_layers(self, model: nn.Module) -> dict[str, nn.Module]:
         """{name: peft LoRA linear} of the adapted target linears."""

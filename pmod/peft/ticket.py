@@ -27,7 +27,7 @@ from torch import nn
 from pmod.io.files import save_safetensors
 
 from pmod.peft.base import DEFAULT_ALSO_TRAIN, TARGETS, PeftStrategy, check_options, copy_into, target_linears
-from pmod.training.strategy import register_strategy
+from pmod.peft.strategy import register_strategy
 
 __all__ = ["TicketStrategy", "density", "magnitude_mask", "random_mask", "read_weights"]
 
@@ -148,14 +148,9 @@ class TicketStrategy(PeftStrategy):
 
     def build_optimizer(self, model: nn.Module, cfg: Any) -> torch.optim.Optimizer:
         """AdamW; the masked weights with the ticket's betas and weight decay, the rest as the run says."""
-        ids = {id(p) for p in self.weights(model).values()}
-        groups = [{"params": [p for p in self.weights(model).values() if p.requires_grad], "weight_decay": self.weight_decay,
-                   "betas": self.betas}]
-        for g in self.param_groups(model, cfg):
-            rest = [p for p in g["params"] if id(p) not in ids]
-            if rest:
-                groups.append({**g, "params": rest})
-        return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
+        own = {"params": [p for p in self.weights(model).values() if p.requires_grad], "weight_decay": self.weight_decay,
+               "betas": self.betas}
+        return torch.optim.AdamW(self.param_groups(model, cfg, own=own), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
 
     def trained_state(self, model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """The fully trained roles, plus only the kept entries of each masked weight (`{name}.kept`, 1-D)."""

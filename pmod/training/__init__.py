@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pmod.training.config import TrainConfig
 from pmod.training.recipes import RECIPES, get_recipe, list_recipes, resolve_config
-from pmod.training.strategy import (
+from pmod.peft.strategy import (  # the strategy protocol is pmod.peft's; re-exported for training scripts
     BaseStrategy,
     FullStrategy,
     Strategy,

@@ -10,6 +10,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from pmod.config_checks import from_fields
+
 __all__ = ["TrainConfig", "STAGES", "MIXED_PRECISION", "LR_SCHEDULERS", "RESUMABLE_FIELDS", "check_resume_config"]
 
 STAGES = ("pretrain", "finetune")
@@ -136,11 +138,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"TrainConfig: unknown field(s) {unknown}; known fields are {sorted(known)}")
-        return cls(**d)
+        return from_fields(cls, d, "TrainConfig")
 
     def replace(self, **changes: Any) -> TrainConfig:
         return TrainConfig.from_dict({**self.to_dict(), **changes})

@@ -39,14 +39,18 @@ from pmod.training.records import read_records
 from pmod.training.sampler import BatchStream, LocalBatches
 from pmod.training.schedule import build_scheduler
 from pmod.training.step import SKIP_REASONS, train_step
-from pmod.training.strategy import get_strategy, stage_roles, trainable_summary
+from pmod.peft import get_strategy, trainable_summary
+from pmod.training.stages import stage_roles
 
 __all__ = ["train", "TrainResult", "Callback"]
 
 
 class Callback(Protocol):
-    """Optional hooks for Python users (and the resume test): both methods may be left out."""
+    """Optional hooks for Python users (the resume test, the strategy comparison's meter): any may be left out.
+    `on_step_begin` runs once the step's batches are loaded, before the strategy's own hook; `on_step_end` after
+    the optimizer step and the step's logging. `model` is the unwrapped model, `optimizer` the prepared one."""
 
+    def on_step_begin(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None: ...
     def on_step_end(self, step: int, logs: dict[str, Any] | None) -> None: ...
     def on_save(self, step: int, path: Path) -> None: ...
 
@@ -138,6 +142,7 @@ def train(cfg: TrainConfig, callbacks: Sequence[Callback] = ()) -> TrainResult:
     monitor.tick()
     while state.step < total:
         micro = [next(batches) for _ in range(gas)]
+        _call(callbacks, "on_step_begin", state.step, inner, optimizer)
         nxt = state.step + 1  # a checkpoint step is always logged: the counters it saves are then complete
         log_now = nxt % cfg.logging_steps == 0 or nxt % cfg.save_steps == 0 or nxt == total
         res = train_step(accelerator, model, inner, optimizer, scheduler, strategy, micro, state.step, cfg.max_grad_norm, log_now)

@@ -1,4 +1,4 @@
-"""pmod_synth: a small local VQA task for lmms-eval (coloured shapes on clutter, `pmod.synthetic`), shipped inside
+"""pmod_synth: a small local VQA task for lmms-eval (coloured shapes on clutter, `pmod.tools.synthetic`), shipped inside
 the package so that it runs from a wheel as from a source checkout, offline.
 
     pmod eval --tasks pmod_synth [--synth-data DIR] [--limit 4]    # the embedded default model unless --model

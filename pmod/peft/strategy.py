@@ -1,4 +1,5 @@
-"""The seam for fine-tuning strategies: what trains, how the optimizer is built, hooks around each step.
+"""The protocol of fine-tuning strategies, owned by pmod.peft and driven by pmod.training: what trains, how the
+optimizer is built, hooks around each step.
 
 A strategy is a small object behind a registry (`get_strategy("full")`), never a forked model class.
 The training loop calls, in order:
@@ -15,8 +16,8 @@ The training loop calls, in order:
     strategy.state_dict() / load_state_dict()           # saved in every checkpoint, restored by --resume
     strategy.export(model, state, folder) -> state      # the plain checkpoint to write (merge adapters here)
 
-`model` is always the unwrapped `PmodForConditionalGeneration`. Parameter roles come from names:
-vision (the tower), projector (+ image_newline), router, embed, decoder (the layers), norm, head.
+`model` is always the unwrapped `PmodForConditionalGeneration`; parameter roles: `pmod.peft.roles`. A new strategy
+is one file: a class with `@register_strategy("name")`, imported by `pmod/peft/__init__.py`.
 """
 from __future__ import annotations
 
@@ -28,55 +29,9 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-__all__ = ["ROLES", "param_role", "stage_roles", "set_trainable", "trainable_summary", "Strategy", "BaseStrategy",
-           "FullStrategy", "register_strategy", "get_strategy", "list_strategies"]
+from pmod.peft.roles import param_role, set_trainable
 
-ROLES = ("vision", "projector", "router", "embed", "decoder", "norm", "head")
-
-
-def param_role(name: str) -> str:
-    """The role of a parameter of PmodForConditionalGeneration, from its name."""
-    if name.startswith("vision_tower."):
-        return "vision"
-    if name.startswith("projector.") or name == "image_newline":
-        return "projector"
-    if name.startswith("language_model.routers."):
-        return "router"
-    if name.startswith("language_model.embed_tokens."):
-        return "embed"
-    if name.startswith("language_model.layers."):
-        return "decoder"
-    if name.startswith("language_model.norm."):
-        return "norm"
-    if name.startswith("lm_head."):
-        return "head"
-    raise ValueError(f"parameter {name!r} has no known role; expected a PmodForConditionalGeneration parameter")
-
-
-def stage_roles(stage: str, train_vision_tower: bool = False) -> set[str]:
-    """LLaVA's stages: pre-training trains the projector only; fine-tuning trains everything but the
-    vision tower (the LLM, projector and MoD routers: the official p-MoD recipe)."""
-    roles = {"projector"} if stage == "pretrain" else set(ROLES) - {"vision"}
-    return roles | ({"vision"} if train_vision_tower else set())
-
-
-def set_trainable(model: nn.Module, roles: set[str]) -> None:
-    """requires_grad = (role in roles) for every parameter."""
-    unknown = set(roles) - set(ROLES)
-    if unknown:
-        raise ValueError(f"unknown parameter role(s) {sorted(unknown)}; expected {ROLES}")
-    for name, p in model.named_parameters():
-        p.requires_grad_(param_role(name) in roles)
-
-
-def trainable_summary(model: nn.Module) -> dict[str, tuple[int, int]]:
-    """{role: (trainable elements, total elements)}, for the start-of-run log."""
-    out: dict[str, list[int]] = {}
-    for name, p in model.named_parameters():
-        t = out.setdefault(param_role(name), [0, 0])
-        t[0] += p.numel() if p.requires_grad else 0
-        t[1] += p.numel()
-    return {k: (v[0], v[1]) for k, v in out.items()}
+__all__ = ["Strategy", "BaseStrategy", "FullStrategy", "register_strategy", "get_strategy", "list_strategies"]
 
 
 @runtime_checkable
@@ -111,11 +66,12 @@ class BaseStrategy:
         set_trainable(model, roles)
         return model
 
-    def param_groups(self, model: nn.Module, cfg: Any) -> list[dict[str, Any]]:
+    def param_groups(self, model: nn.Module, cfg: Any, own: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         """AdamW groups: no weight decay on 1-D tensors (biases, norms, image_newline), as transformers'
         Trainer; the projector, vision tower and routers at their own rate when set (LLaVA's
         mm_projector_lr and mm_vision_tower_lr; `router_lr` keeps Adam from saturating TanhNorm at
-        the high rates of small from-scratch models)."""
+        the high rates of small from-scratch models). `own`: a group with hyper-parameters of its own (a
+        strategy's projected or masked weights), placed first; its parameters leave the role groups."""
         role_lr = {"projector": cfg.projector_lr, "vision": getattr(cfg, "vision_tower_lr", None),
                    "router": getattr(cfg, "router_lr", None)}
         groups: dict[tuple[bool, str], list[nn.Parameter]] = {}
@@ -132,7 +88,10 @@ class BaseStrategy:
             out.append(g)
         if not out:
             raise ValueError(f"strategy {self.name!r}: no trainable parameters")
-        return out
+        if own is None:
+            return out
+        ids = {id(p) for p in own["params"]}
+        return [own] + [{**g, "params": rest} for g in out if (rest := [p for p in g["params"] if id(p) not in ids])]
 
     def build_optimizer(self, model: nn.Module, cfg: Any) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.param_groups(model, cfg), lr=cfg.learning_rate,
@@ -179,26 +138,12 @@ class FullStrategy(BaseStrategy):
     """Full fine-tuning of the stage's roles (the paper's recipe): the base defaults, unchanged."""
 
 
-def _load_plugins() -> None:
-    """Strategies defined elsewhere in pmod (e.g. `pmod.peft`) register themselves on import."""
-    import importlib
-
-    for module in ("pmod.peft",):
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name is None or not module.startswith(e.name):
-                raise
-
-
 def get_strategy(name: str, **options: Any) -> Strategy:
-    if name not in _REGISTRY:
-        _load_plugins()
+    """A new strategy by registered name (`pmod.peft` registers them all on import)."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown fine-tuning strategy {name!r}; available: {list_strategies()}")
     return _REGISTRY[name](**options)
 
 
 def list_strategies() -> list[str]:
-    _load_plugins()
     return sorted(_REGISTRY)

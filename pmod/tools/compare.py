@@ -1,8 +1,8 @@
 """Every fine-tuning strategy on the synthetic VQA task, from one starting checkpoint, with one step budget.
 
-    python -m pmod.peft.compare --output runs/compare        # or pmod.peft.compare.compare(CompareConfig(...))
+    python -m pmod.tools.compare --output runs/compare        # or pmod.tools.compare.compare(CompareConfig(...))
 
-The task (`pmod.synthetic`): a tiny p-MoD model (CLIP 64-wide at 64 px / 16 px patches, 4-layer 128-wide
+The task (`pmod.tools.synthetic`): a tiny p-MoD model (CLIP 64-wide at 64 px / 16 px patches, 4-layer 128-wide
 decoder) is first trained fully, vision tower included, on three question types (colour, shape, count): the
 "base" checkpoint. Each strategy then fine-tunes it on all six types through `pmod.training.train` (the real
 loop: accelerate, checkpoint, export with merging), and the exported plain checkpoint answers the validation
@@ -72,19 +72,15 @@ class CompareConfig:
 
 # --- the task ------------------------------------------------------------------------------------
 def _model_config(vocab: int):
-    from pmod.config import ModConfig, PmodConfig, TextConfig, VisionConfig
+    from pmod.config import PmodConfig
 
-    text = TextConfig(vocab_size=vocab, hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5)
-    vision = VisionConfig(clip={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-                                "image_size": 64, "patch_size": 16, "hidden_act": "quick_gelu"})
-    return PmodConfig(text=text, vision=vision, mod=ModConfig(), model_max_length=512)
+    return PmodConfig.from_name("synth-compare", text={"vocab_size": vocab})
 
 
 def prepare_task(root: Path, cfg: CompareConfig) -> dict[str, Path]:
     """Data (train on all types, base on three), tokenizer and the random init checkpoint."""
     from pmod.modeling.llava import PmodForConditionalGeneration
-    from pmod.synthetic import corpus, train_tokenizer, write_split
+    from pmod.tools.synthetic import corpus, train_tokenizer, write_split
 
     root.mkdir(parents=True, exist_ok=True)
     train = write_split(root, "train", cfg.n_train, 64, rounds=3)
@@ -108,9 +104,6 @@ def prepare_task(root: Path, cfg: CompareConfig) -> dict[str, Path]:
 
 
 # --- one run, in its own process -----------------------------------------------------------------
-_METER: dict[str, Any] = {}
-
-
 def _rss_kib(field_name: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field_name + ":"):
@@ -118,71 +111,34 @@ def _rss_kib(field_name: str) -> int:
     return 0
 
 
-def _reset_peak() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (Linux >= 4.0)
-    except OSError:
-        pass
-    _METER["rss0"] = _rss_kib("VmRSS")
+class Meter:
+    """A training callback (`pmod.training.loop.Callback`): per step, the time from its batches being loaded to its
+    optimizer step done, the trainable parameters, the optimizer's state bytes (and as 8-bit moments) and the peak
+    memory over the steps (CUDA: max allocated; CPU: peak RSS above the RSS before step 0)."""
 
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.state = self.state8 = self.trainable = self.peak = self.rss0 = 0
 
-def _register_measured() -> None:
-    from pmod.peft.base import optimizer_state_bytes, optimizer_state_bytes_8bit, trainable_count
-    from pmod.training.strategy import BaseStrategy, get_strategy, list_strategies, register_strategy
-
-    if "measured" in list_strategies():
-        return
-
-    @register_strategy("measured")
-    class Measured(BaseStrategy):
-        """Delegates every hook to the strategy under test and records time, memory and state sizes."""
-
-        def __init__(self, inner: str, options: dict[str, Any]):
-            self.inner = get_strategy(inner, **options)
-            _METER.update(times=[], state=0, state8=0, trainable=0)
-
-        def check_distributed(self, *a):
-            return self.inner.check_distributed(*a)
-
-        def prepare(self, model, roles):
-            return self.inner.prepare(model, roles)
-
-        def build_optimizer(self, model, cfg):
-            return self.inner.build_optimizer(model, cfg)
-
-        def on_step_begin(self, step, model, opt):
-            if step == 0:
-                _reset_peak()
-            self.inner.on_step_begin(step, model, opt)
-            _METER["trainable"] = max(_METER["trainable"], trainable_count(model))
-            self._t = time.perf_counter()
-
-        def forward_context(self, model):
-            return self.inner.forward_context(model)
-
-        def after_backward(self, model):
-            self.inner.after_backward(model)
-
-        def after_optimizer_step(self, step, model, opt):
-            self.inner.after_optimizer_step(step, model, opt)
-            _METER["times"].append(time.perf_counter() - self._t)
-            _METER["state"] = max(_METER["state"], optimizer_state_bytes(opt))
-            _METER["state8"] = max(_METER["state8"], optimizer_state_bytes_8bit(opt))
+    def on_step_begin(self, step: int, model, optimizer) -> None:
+        if step == 0:
             if torch.cuda.is_available():
-                _METER["peak"] = torch.cuda.max_memory_allocated()
-            else:
-                _METER["peak"] = (_rss_kib("VmHWM") - _METER["rss0"]) * 1024
+                torch.cuda.reset_peak_memory_stats()
+            try:
+                Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (Linux >= 4.0)
+            except OSError:
+                pass
+            self.rss0 = _rss_kib("VmRSS")
+        self.model, self.optimizer, self.t0 = model, optimizer, time.perf_counter()
 
-        def state_dict(self):
-            return self.inner.state_dict()
+    def on_step_end(self, step: int, logs) -> None:
+        from pmod.peft.base import optimizer_state_bytes, optimizer_state_bytes_8bit, trainable_count
 
-        def load_state_dict(self, state):
-            self.inner.load_state_dict(state)
-
-        def export(self, model, state, folder):
-            return self.inner.export(model, state, folder)
+        self.times.append(time.perf_counter() - self.t0)
+        self.trainable = max(self.trainable, trainable_count(self.model))  # LISA: its active set
+        self.state = max(self.state, optimizer_state_bytes(self.optimizer))
+        self.state8 = max(self.state8, optimizer_state_bytes_8bit(self.optimizer))
+        self.peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else (_rss_kib("VmHWM") - self.rss0) * 1024
 
 
 def run_one(label: str, strategy: str, options: dict[str, Any], lr: float, model: Path, data: Path, task: dict[str, Path],
@@ -190,25 +146,25 @@ def run_one(label: str, strategy: str, options: dict[str, Any], lr: float, model
     from pmod.training import resolve_config, train
 
     torch.set_num_threads(cfg.threads)
-    _register_measured()
-    run_cfg = resolve_config(model=str(model), data=str(data), image_folder=str(task["root"]), output=str(out), strategy="measured",
-                             strategy_options={"inner": strategy, "options": options}, max_steps=steps,
+    run_cfg = resolve_config(model=str(model), data=str(data), image_folder=str(task["root"]), output=str(out), strategy=strategy,
+                             strategy_options=options, max_steps=steps,
                              per_device_batch_size=cfg.batch_size, learning_rate=lr, warmup_ratio=0.05, lr_scheduler="cosine",
                              save_steps=10**9, save_total_limit=1, logging_steps=max(1, steps // 10), template="chat_nosys",
                              seed=cfg.seed, num_workers=0, check_images=False, train_vision_tower=train_vision_tower)
-    res = train(run_cfg)
+    meter = Meter()
+    res = train(run_cfg, callbacks=[meter])
     accuracy, per_type = _evaluate(res.exported, task, label)
-    times = _METER["times"][2:] or _METER["times"]
+    times = meter.times[2:] or meter.times
     return {"label": label, "strategy": strategy, "options": options, "lr": lr, "accuracy": accuracy, "per_type": per_type,
-            "trainable": _METER["trainable"], "state_bytes": _METER["state"], "state_bytes_8bit": _METER["state8"],
-            "peak_bytes": _METER.get("peak", 0), "step_ms": 1000 * statistics.median(times), "loss": res.loss,
+            "trainable": meter.trainable, "state_bytes": meter.state, "state_bytes_8bit": meter.state8,
+            "peak_bytes": meter.peak, "step_ms": 1000 * statistics.median(times), "loss": res.loss,
             "exported": str(res.exported)}
 
 
 def _evaluate(checkpoint: Path, task: dict[str, Path], label: str) -> tuple[float, dict[str, float]]:
     """Greedy exact-match accuracy of a plain checkpoint on the validation split (no training code involved)."""
     import pmod
-    from pmod.demo import evaluate
+    from pmod.evaluation.synth_vqa import evaluate
 
     model = pmod.from_pretrained(checkpoint, dtype=torch.float32).eval()
     records = [json.loads(x) for x in task["val"].read_text().splitlines()]
@@ -249,15 +205,19 @@ def adamw_vs_gradnormlorp_7b(rank: int = 128) -> dict[str, float]:
     V 32000; projector 1024 -> 4096 -> 4096): AdamW fp32 over everything full fine-tuning trains, against
     GradNormLoRP full-weight mode with 8-bit moments (projected targets: 2·r·max bytes + fp32 projector
     r·min·4; magnitudes, routers, projector 8-bit; embeddings, norms, head frozen as the strategy runs)."""
-    L, C, F, V = 32, 4096, 11008, 32000
+    from pmod.config import PmodConfig
+
+    cfg = PmodConfig.from_name("llava-1.5-7b")
+    t = cfg.text
+    L, C, F, V, Cv = t.num_hidden_layers, t.hidden_size, t.intermediate_size, t.vocab_size, cfg.vision.hidden_size
     mats = [(C, C)] * 4 + [(F, C), (F, C), (C, F)]
-    full = L * sum(m * n for m, n in mats) + L * 2 * C + 2 * V * C + C + (1024 * C + C + C * C + C) + L * (C + 1)
+    full = L * sum(m * n for m, n in mats) + L * 2 * C + 2 * V * C + C + (Cv * C + C + C * C + C) + L * (C + 1)
 
     def q8(n: int) -> int:  # one 8-bit moment (blockwise, absmax per 256) or fp32 when small
         return n + 4 * math.ceil(n / 256) if n >= 4096 else 4 * n
 
     g = L * sum(2 * q8(rank * max(m, n)) + 4 * rank * min(m, n) + 2 * q8(m) for m, n in mats)
-    g += sum(2 * q8(n) for n in (1024 * C, C, C * C, C)) + L * (2 * q8(C) + 8)
+    g += sum(2 * q8(n) for n in (Cv * C, C, C * C, C)) + L * (2 * q8(C) + 8)
     return {"adamw_bytes": 8.0 * full, "gradnormlorp8_bytes": float(g), "saving": 1 - g / (8.0 * full)}
 
 
@@ -286,7 +246,7 @@ def compare(cfg: CompareConfig) -> list[dict[str, Any]]:
               file=sys.stderr)
     summary = {"config": asdict(cfg), "base": base, "rows": results, "seconds": time.perf_counter() - t0,
                "device": "cuda" if torch.cuda.is_available() else "cpu", "at_7b": adamw_vs_gradnormlorp_7b()}
-    from pmod.peft.compare_report import plot, table
+    from pmod.tools.compare_report import plot, table
 
     (out / "comparison.md").write_text(table(summary))
     plot(results, out / "comparison.png")
@@ -320,7 +280,7 @@ def _run_args(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pmod.peft.compare", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m pmod.tools.compare", description=__doc__.split("\n\n")[0])
     _arguments(p)
     return _run_args(p.parse_args(argv))
 

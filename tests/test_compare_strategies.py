@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from pmod.peft.compare import ROWS, CompareConfig, adamw_vs_gradnormlorp_7b, compare
-from pmod.peft.compare_report import plot, table
+from pmod.tools.compare import ROWS, CompareConfig, adamw_vs_gradnormlorp_7b, compare
+from pmod.tools.compare_report import plot, table
 
 
 def _skip_unless_asked_for_slow(config) -> None:

@@ -9,75 +9,14 @@ tokens that fall on objects against the share of the image that objects cover.
 from __future__ import annotations
 
 import json
-import re
-import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
-__all__ = ["ASSETS", "evaluate", "caption_accuracy", "routing_focus", "run", "add_parser"]
+from pmod.evaluation.synth_vqa import DENSE_CKPT, PMOD_CKPT, EvalResult, evaluate, normalize, progress, say
 
-ASSETS = Path(__file__).parent / "assets"
-PMOD_CKPT, DENSE_CKPT = ASSETS / "tiny-synth-pmod", ASSETS / "tiny-synth-dense"
-
-
-def _bar(it, desc: str):
-    """A progress bar on stderr that is gone when it ends (printed lines never share its row; everything is printed
-    with flush=True before a bar starts), and absent when stderr is not a terminal (logs stay plain)."""
-    sys.stdout.flush()
-    return tqdm(it, desc=desc, unit="batch", leave=False, file=sys.stderr, disable=None)
-
-
-def say(*lines: str) -> None:
-    print(*lines, sep="\n", flush=True)
-
-
-def normalize(text: str) -> str:
-    return re.sub(r"[^a-z0-9 ]", "", text.lower()).strip()
-
-
-@dataclass
-class EvalResult:
-    name: str
-    accuracy: float
-    per_type: dict[str, float]
-    n: int
-    seconds: float
-    tflops: float  # prefill TFLOPs per sample (complete convention, decoder + lm_head)
-    tflops_dense: float
-    kv_bytes: float  # per sample, measured from the cache
-    kv_bytes_dense: float
-    answers: list[str] = field(default_factory=list)
-
-
-def evaluate(model, processor, records: list[dict], root: Path, batch_size: int = 32, max_new_tokens: int = 4,
-             desc: str = "") -> EvalResult:
-    """Greedy answers to every record, exact match after normalising; efficiency measured per batch."""
-    from pmod.report import measure_efficiency
-
-    if not records:
-        raise ValueError("evaluate: no records to answer")
-
-    answers, kv, kv_dense, fl, fl_dense = [], 0.0, 0.0, 0.0, 0.0
-    t0 = time.perf_counter()
-    for i in _bar(range(0, len(records), batch_size), desc or "evaluating"):
-        batch = records[i : i + batch_size]
-        inputs = processor([r["question"] for r in batch], images=[[root / r["image"]] for r in batch])
-        tokens, cache = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, return_cache=True)
-        answers += processor.batch_decode(tokens)
-        layout = model.prepare(inputs["input_ids"], inputs["images"], inputs["image_sizes"], inputs["attention_mask"])[1]
-        eff = measure_efficiency(model.config, layout, None)
-        kv, kv_dense, fl, fl_dense = kv + eff.kv_bytes, kv_dense + eff.kv_bytes_dense, fl + eff.tflops, fl_dense + eff.tflops_dense
-    seconds = time.perf_counter() - t0
-    right = [normalize(a) == normalize(r["answer"]) for a, r in zip(answers, records)]
-    types = sorted({r["type"] for r in records})
-    per_type = {t: sum(ok for ok, r in zip(right, records) if r["type"] == t) / sum(r["type"] == t for r in records) for t in types}
-    n = len(records)
-    return EvalResult(desc, sum(right) / n, per_type, n, seconds, fl / n, fl_dense / n, kv / n, kv_dense / n, answers)
-
+__all__ = ["caption_accuracy", "routing_focus", "run", "add_parser"]
 
 def routing_focus(model, processor, record: dict, root: Path, out_png: Path, answers: dict[str, str] | None = None) -> dict:
     """Routing map of one image (kept and dropped patches per MoD layer, object boxes outlined, the question and
@@ -85,8 +24,8 @@ def routing_focus(model, processor, record: dict, root: Path, out_png: Path, ans
     import numpy as np
     from PIL import Image
 
-    from pmod.synthetic import object_patch_mask
-    from pmod.viz import kept_patch_grids, save_routing_map
+    from pmod.tools.synthetic import object_patch_mask
+    from pmod.tools.viz import kept_patch_grids, save_routing_map
 
     inputs = processor(record["question"], images=[root / record["image"]])
     with torch.no_grad():
@@ -112,8 +51,8 @@ def dataset_focus(model, processor, records: list[dict], root: Path) -> dict:
     """Average over many images: share of kept tokens on objects, per layer, vs the object coverage."""
     import numpy as np
 
-    from pmod.synthetic import object_patch_mask
-    from pmod.viz import kept_patch_grids
+    from pmod.tools.synthetic import object_patch_mask
+    from pmod.tools.viz import kept_patch_grids
 
     v = model.config.vision
     grid = v.image_size // v.patch_size
@@ -134,11 +73,11 @@ def caption_accuracy(model, processor, records: list[dict], root: Path, batch_si
                      max_new_tokens: int = 48, desc: str = "") -> dict[str, float]:
     """Scene descriptions (the stage-1 task): greedy captions of each record's image, scored per object on
     size, colour and shape at its cell, and per image on the number of objects named."""
-    from pmod.synthetic import CELLS, DESCRIBE, parse_caption
+    from pmod.tools.synthetic import CELLS, DESCRIBE, parse_caption
 
     hits = {"size": 0, "color": 0, "shape": 0, "count": 0}
     n_obj = 0
-    for i in _bar(range(0, len(records), batch_size), desc or "describing"):
+    for i in progress(range(0, len(records), batch_size), desc or "describing"):
         batch = records[i : i + batch_size]
         inputs = processor([DESCRIBE] * len(batch), images=[[root / r["image"]] for r in batch])
         texts = processor.batch_decode(model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False))
@@ -173,7 +112,7 @@ def _table(results: list[EvalResult]) -> str:
 
 def run(args) -> int:
     import pmod
-    from pmod.synthetic import write_split
+    from pmod.tools.synthetic import write_split
 
     if args.n_test < 1 or args.fresh < 0 or args.captions < 0:
         raise ValueError(f"pmod demo: need --n-test >= 1, --fresh >= 0, --captions >= 0 (got {args.n_test}, {args.fresh}, {args.captions})")

@@ -33,7 +33,7 @@ def table(summary: dict[str, Any]) -> str:
              f"the same base checkpoint (full fine-tuning, vision tower included, for {cfg['base_steps']} steps on colour / "
              f"shape / count questions: {100 * base['accuracy']:.1f} % on all six types)")
     intro = (
-        f"Synthetic VQA (`pmod.synthetic`), {cfg['n_train']} training images x 3 questions, {cfg['n_val']} validation questions; "
+        f"Synthetic VQA (`pmod.tools.synthetic`), {cfg['n_train']} training images x 3 questions, {cfg['n_val']} validation questions; "
         f"every strategy starts from {start} and trains {cfg['steps']} steps of batch "
         f"{cfg['batch_size']} on all six types through `pmod.training.train`; accuracy is greedy exact match of the exported, "
         f"merged checkpoint. Learning rates: base {cfg['lr_base']}, full-weight {cfg['lr_full']}, adapters {cfg['lr_adapter']}, GaLore full-weight "
