@@ -85,20 +85,11 @@ def weight_files(folder: Path, layout: str | None = None) -> list[Path]:
     pending = pending_commit(folder)
     if pending is not None:
         return [pending.path(n) for n in pending.weights]
+    for name in (SAFE_INDEX, SAFE_SINGLE) + (() if layout == "pmod" else (BIN_INDEX, BIN_SINGLE)):  # the first found
+        if (folder / name).is_file():
+            return _index_shards(folder, folder / name) if name.endswith(".index.json") else [folder / name]
     if layout == "pmod":
-        if (folder / SAFE_INDEX).is_file():
-            return _index_shards(folder, folder / SAFE_INDEX)
-        if (folder / SAFE_SINGLE).is_file():
-            return [folder / SAFE_SINGLE]
         raise CheckpointNotFoundError(f"{folder}: no weight files ({SAFE_SINGLE} or {SAFE_INDEX}), as save_pretrained writes them")
-    if (folder / SAFE_INDEX).is_file():
-        return _index_shards(folder, folder / SAFE_INDEX)
-    if (folder / SAFE_SINGLE).is_file():
-        return [folder / SAFE_SINGLE]
-    if (folder / BIN_INDEX).is_file():
-        return _index_shards(folder, folder / BIN_INDEX)
-    if (folder / BIN_SINGLE).is_file():
-        return [folder / BIN_SINGLE]
     for pattern in ("model*.safetensors", "pytorch_model*.bin"):
         found = sorted(folder.glob(pattern))
         if found:

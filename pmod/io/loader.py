@@ -191,11 +191,6 @@ def read_mapped(files: list[Path], keymap: KeyMap, expected: dict[str, torch.Ten
     return out
 
 
-def show_names(items: list[str], n: int = 12) -> str:
-    more = f" ... and {len(items) - n} more" if len(items) > n else ""
-    return ", ".join(items[:n]) + more
-
-
 def _dispatch(model, device_map):
     from accelerate import dispatch_model, infer_auto_device_map
 

@@ -15,7 +15,6 @@ folds it into a plain model.
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -28,6 +27,7 @@ from torch import nn
 from pmod.io.atomic import atomic_write_text
 from pmod.io.files import save_safetensors
 
+from pmod.peft.memory import optimizer_state_bytes, optimizer_state_bytes_8bit, unwrap_optimizer
 from pmod.peft.roles import ROLES, param_role, set_trainable
 from pmod.peft.strategy import BaseStrategy, get_strategy
 
@@ -87,39 +87,6 @@ def check_options(name: str, **checks: tuple[bool, str]) -> None:
         raise ValueError(f"strategy {name!r}: " + "; ".join(bad))
 
 
-def unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """The torch optimizer inside accelerate's `AcceleratedOptimizer` (or the optimizer itself)."""
-    return getattr(optimizer, "optimizer", optimizer)
-
-
-def _state_tensors(optimizer: torch.optim.Optimizer) -> Iterable[tuple[str, torch.Tensor]]:
-    for st in unwrap_optimizer(optimizer).state.values():
-        for k, v in st.items():
-            if torch.is_tensor(v):
-                yield k, v
-
-
-def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes the optimizer holds in its per-parameter state right now (moments, projectors, quantisation scales)."""
-    return sum(v.numel() * v.element_size() for _, v in _state_tensors(optimizer))
-
-
-MOMENTS = ("exp_avg", "exp_avg_sq")
-
-
-def optimizer_state_bytes_8bit(optimizer: torch.optim.Optimizer, block: int = 256, min_size: int = 4096) -> int:
-    """What the same state would take with bitsandbytes-style 8-bit moments (analytic): each moment tensor of
-    >= `min_size` elements as 1 byte per element plus one float32 absmax per `block` elements; smaller moments,
-    projectors and step counters as they are."""
-    total = 0
-    for k, v in _state_tensors(optimizer):
-        if k in MOMENTS and v.numel() >= min_size:
-            total += v.numel() + 4 * math.ceil(v.numel() / block)
-        else:
-            total += v.numel() * v.element_size()
-    return total
-
-
 def declared_adapter_params(model: nn.Module, adapter: str = ADAPTER) -> dict[str, nn.Parameter]:
     """{name: parameter} of the adapters, found by the attribute names each adapted layer declares in
     `adapter_layer_names` (peft's tuner-layer protocol: `lora_A`, `lora_B`, `lora_magnitude_vector`, `miss_block`,
@@ -177,6 +144,16 @@ class PeftStrategy(BaseStrategy):
 
     def merge_linear(self, sub: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def inject(self, model: nn.Module) -> None:
+        """Add `self.peft_config()`'s adapters through peft, into the decoder only: its module names are what the
+        target regex matches, and peft's transformers-v5 weight conversion (which expects a PreTrainedModel at the
+        root) has nothing to convert there."""
+        from peft import inject_adapter_in_model
+
+        if hasattr(model.language_model, "peft_config"):
+            raise ValueError(f"strategy {self.name!r}: the model already carries peft adapters; start from the base model")
+        inject_adapter_in_model(self.peft_config(), model.language_model)
 
     # --- the training seam ----------------------------------------------------------------------
     def prepare(self, model: nn.Module, roles: set[str]) -> nn.Module:

@@ -18,16 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from pmod.peft.base import (
-    ADAPTER,
-    DEFAULT_ALSO_TRAIN,
-    TARGETS,
-    PeftStrategy,
-    check_options,
-    target_linears,
-    target_regex,
-    with_bias,
-)
+from pmod.peft.base import DEFAULT_ALSO_TRAIN, TARGETS, PeftStrategy, check_options, target_linears, target_regex
+from pmod.peft.base import ADAPTER, with_bias
 from pmod.peft.strategy import register_strategy
 
 __all__ = ["BoneStrategy", "MissStrategy", "bat_delta", "miss_delta"]
@@ -85,12 +77,8 @@ class _MissBase(PeftStrategy):
                              f"(choose another r, or restrict `targets`)")
 
     def adapt(self, model: nn.Module) -> None:
-        from peft import inject_adapter_in_model
-
-        if hasattr(model.language_model, "peft_config"):
-            raise ValueError(f"strategy {self.name!r}: the model already carries peft adapters; start from the base model")
         self.check_shapes(model)
-        inject_adapter_in_model(self.peft_config(), model.language_model)
+        self.inject(model)
 
     def delta(self, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -25,16 +25,8 @@ import warnings
 import torch
 from torch import nn
 
-from pmod.peft.base import (
-    ADAPTER,
-    DEFAULT_ALSO_TRAIN,
-    TARGETS,
-    PeftStrategy,
-    check_options,
-    target_linears,
-    target_regex,
-    with_bias,
-)
+from pmod.peft.base import DEFAULT_ALSO_TRAIN, TARGETS, PeftStrategy, check_options, target_linears, target_regex
+from pmod.peft.base import ADAPTER, with_bias
 from pmod.peft.strategy import register_strategy
 
 __all__ = ["LoraStrategy", "default_rank", "lora_merge"]
@@ -104,14 +96,8 @@ class LoraStrategy(PeftStrategy):
                           use_dora=self.use_dora, bias="none")
 
     def adapt(self, model: nn.Module) -> None:
-        from peft import inject_adapter_in_model
-
-        if hasattr(model.language_model, "peft_config"):
-            raise ValueError(f"strategy {self.name!r}: the model already carries peft adapters; start from the base model")
         self._size_rank(model)
-        # Into the decoder only: its module names are what the regex matches, and peft's transformers-v5 weight
-        # conversion (which expects a PreTrainedModel at the root) has nothing to convert there.
-        inject_adapter_in_model(self.peft_config(), model.language_model)
+        self.inject(model)
 
     def lora_layers(self, model: nn.Module) -> dict[str, nn.Module]:
         """{name: peft LoRA linear} of the adapted target linears."""

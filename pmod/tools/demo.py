@@ -9,6 +9,7 @@ tokens that fall on objects against the share of the image that objects cover.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
