@@ -11,22 +11,17 @@ __all__ = ["ROLES", "param_role", "set_trainable", "trainable_summary"]
 ROLES = ("vision", "projector", "router", "embed", "decoder", "norm", "head")
 
 
+# name prefix -> role, as a table: a new part of the model is one row here
+_PREFIX_ROLES = (("vision_tower.", "vision"), ("projector.", "projector"), ("image_newline", "projector"),
+                 ("language_model.routers.", "router"), ("language_model.embed_tokens.", "embed"),
+                 ("language_model.layers.", "decoder"), ("language_model.norm.", "norm"), ("lm_head.", "head"))
+
+
 def param_role(name: str) -> str:
     """The role of a parameter of PmodForConditionalGeneration, from its name."""
-    if name.startswith("vision_tower."):
-        return "vision"
-    if name.startswith("projector.") or name == "image_newline":
-        return "projector"
-    if name.startswith("language_model.routers."):
-        return "router"
-    if name.startswith("language_model.embed_tokens."):
-        return "embed"
-    if name.startswith("language_model.layers."):
-        return "decoder"
-    if name.startswith("language_model.norm."):
-        return "norm"
-    if name.startswith("lm_head."):
-        return "head"
+    for prefix, role in _PREFIX_ROLES:
+        if name.startswith(prefix) and (prefix.endswith(".") or name == prefix):
+            return role
     raise ValueError(f"parameter {name!r} has no known role; expected a PmodForConditionalGeneration parameter")
 
 
