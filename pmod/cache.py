@@ -149,6 +149,40 @@ class PmodCache:
             self.positions = self.positions[rows.to(self.positions.device)]
         self.batch_size = len(keep)
 
+    # --- continuation (pmod.modeling.chunk) -----------------------------------------------------
+    def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor, varlen: Varlen) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """A chunk after the cached prefix: write k, v [N_l, G, D] (the packed new tokens this layer processed,
+        `varlen` their rows) after each row's filled slots. Returns (k_cache, v_cache, past): views of the
+        filled slots in the storage layout and each row's length before the write (host)."""
+        if self.k[layer] is None:
+            raise RuntimeError(f"PmodCache: layer {layer} was never prefilled; run a prefill before continuing")
+        if self.static:
+            raise RuntimeError("PmodCache.extend: this cache is static (a CUDA graph replays its tensors); use a copy()")
+        past = self.lengths[layer]
+        new = [p + n for p, n in zip(past, varlen.lens)]
+        need = max(new)
+        if need > self.k[layer].shape[self.slot_dim]:
+            self._grow(layer, need + self.reserve)
+        offset = torch.tensor(past, dtype=torch.long).to(varlen.slot.device, non_blocking=True)  # [B]
+        dest = offset[varlen.row] + varlen.slot  # [N_l] slot of each new token in its row
+        self.slots(self.k[layer])[varlen.row, dest] = k.detach()
+        self.slots(self.v[layer])[varlen.row, dest] = v.detach()
+        self.lengths[layer] = new
+        self.seqlens[layer] = self.seqlens[layer] + varlen.seqlens.to(self.seqlens[layer].device)
+        k_all = self.k[layer].narrow(self.slot_dim, 0, need)
+        return k_all, self.v[layer].narrow(self.slot_dim, 0, need), past
+
+    def copy(self) -> "PmodCache":
+        """An independent cache with the same contents (tensors cloned, spare capacity kept): continue one
+        prefix several ways, each from its own copy. A static cache copies as a dynamic one."""
+        out = PmodCache(self.num_layers, self.batch_size, reserve=self.reserve, heads_first=self.heads_first)
+        clone = lambda t: None if t is None else t.clone()  # noqa: E731
+        out.k, out.v = [clone(t) for t in self.k], [clone(t) for t in self.v]
+        out.seqlens = [clone(t) for t in self.seqlens]
+        out.lengths = [list(row) for row in self.lengths]
+        out.positions = clone(self.positions)
+        return out
+
     # --- reports --------------------------------------------------------------------------------
     def layer_lengths(self) -> list[int] | torch.Tensor:
         """Tokens held per layer: list[int] for one row, else LongTensor [L, B]."""
