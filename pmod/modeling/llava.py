@@ -22,6 +22,7 @@ from pmod.cache import PmodCache
 from pmod.config import PmodConfig
 from pmod.io import load_checkpoint, save_pretrained
 from pmod.modeling.block import AttnContext
+from pmod.modeling.chunk import advance_positions, check_continuable, chunk_layout
 from pmod.modeling.decoder import LanguageModel
 from pmod.modeling.mod import RoutingRecord
 from pmod.modeling.projector import build_projector
@@ -218,8 +219,6 @@ class PmodForConditionalGeneration(nn.Module):
     def _continue(self, input_ids, images, image_sizes, attention_mask, labels, cache: PmodCache, cache_reserve: int,
                   logits_to_keep: str, output_routing: bool) -> PmodOutput:
         """A chunk appended to `cache` (every layer over its cache + the new tokens; positions continue)."""
-        from pmod.modeling.chunk import advance_positions, check_continuable, chunk_layout
-
         if labels is not None:
             raise ValueError("labels with past_key_values: training runs full sequences; continue only at inference")
         backend = self._backend()
@@ -227,10 +226,10 @@ class PmodForConditionalGeneration(nn.Module):
         check_continuable(cache, rows, backend.heads_first_cache, backend.name)
         x, layout = self.prepare(input_ids, images, image_sizes, attention_mask)
         layout = chunk_layout(layout, cache, max(self.config.text.max_position_embeddings, self.config.model_max_length))
-        cache.reserve = max(cache.reserve, cache_reserve)
+        cache.reserve = max(cache.reserve, cache_reserve)  # spare slots for the decode steps that follow
+        ctx = AttnContext(backend, layout.varlen, cache, extend=True)
         with backend.scope(x.device):
-            h, routing = self.language_model(x, layout, AttnContext(backend, layout.varlen, cache, extend=True),
-                                             record=output_routing)
+            h, routing = self.language_model(x, layout, ctx, record=output_routing)
         advance_positions(cache, layout)
         return self._output(h, None, layout, cache, routing, logits_to_keep)
 
