@@ -89,7 +89,8 @@ def questions(model, V: int, pix, rounds: int, new_tokens: int, n_questions: int
         with torch.inference_mode():
             base = model(input_ids=torch.tensor([prefix]), images=pix, use_cache=True, logits_to_keep="none",
                          output_routing=False).past_key_values
-        return [model.generate(input_ids=torch.tensor([q]), past_key_values=base.copy(), **gen) for q in qs]
+        return [model.generate(input_ids=torch.tensor([q]), past_key_values=base.copy(spare=len(q) + new_tokens), **gen)
+                for q in qs]
 
     same = all(torch.equal(a, b) for a, b in zip(independent(), cached()))  # also the warm-up
     t = _paired({"independent": independent, "cached": cached}, rounds)

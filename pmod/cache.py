@@ -129,11 +129,16 @@ class PmodCache:
 
     def _grow(self, layer: int, cap: int) -> None:
         for store in (self.k, self.v):
-            old = store[layer]
-            view = self.slots(old)  # [B, S, G, D]
-            new = self._empty(old, cap, view.shape[2], view.shape[3])
-            self.slots(new)[:, : view.shape[1]] = view
-            store[layer] = new
+            store[layer] = self._resized(store[layer], max(self.lengths[layer]), cap)
+
+    def _resized(self, old: torch.Tensor, filled: int, cap: int) -> torch.Tensor:
+        """`old` with `cap` slots: its first `filled` copied, the rest zero (one write per element, not two)."""
+        view = self.slots(old)  # [B, S, G, D]
+        B, _, G, D = view.shape
+        new = old.new_empty((B, G, cap, D) if self.heads_first else (B, cap, G, D))
+        self.slots(new)[:, :filled] = view[:, :filled]
+        self.slots(new)[:, filled:].zero_()  # never-written slots are zero: static mode reads them under a mask
+        return new
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep only `rows` (e.g. to drop finished sequences from a batch)."""
@@ -172,12 +177,18 @@ class PmodCache:
         k_all = self.k[layer].narrow(self.slot_dim, 0, need)
         return k_all, self.v[layer].narrow(self.slot_dim, 0, need), past
 
-    def copy(self) -> "PmodCache":
-        """An independent cache with the same contents (tensors cloned, spare capacity kept): continue one
-        prefix several ways, each from its own copy. A static cache copies as a dynamic one."""
+    def copy(self, spare: int | None = None) -> "PmodCache":
+        """An independent cache with the same contents: continue one prefix several ways, each from its own copy.
+        `spare=None` keeps the capacity; `spare=n` sizes each layer to its filled slots + n (the chunk and the
+        decode steps to come: no reallocation later). A static cache copies as a dynamic one."""
         out = PmodCache(self.num_layers, self.batch_size, reserve=self.reserve, heads_first=self.heads_first)
         clone = lambda t: None if t is None else t.clone()  # noqa: E731
-        out.k, out.v = [clone(t) for t in self.k], [clone(t) for t in self.v]
+        for i in range(self.num_layers):
+            if self.k[i] is None or spare is None:
+                out.k[i], out.v[i] = clone(self.k[i]), clone(self.v[i])
+            else:
+                n = max(self.lengths[i])
+                out.k[i], out.v[i] = self._resized(self.k[i], n, n + spare), self._resized(self.v[i], n, n + spare)
         out.seqlens = [clone(t) for t in self.seqlens]
         out.lengths = [list(row) for row in self.lengths]
         out.positions = clone(self.positions)

@@ -61,7 +61,7 @@ class PrefixStats:
 
 
 class PrefixCache:
-    """key -> PmodCache (one row), at most `max_bytes` of allocated cache tensors, LRU. `get` returns a copy, so
+    """key -> PmodCache (one row), at most `max_bytes` of cache tensors (each stored at its filled size), LRU. `get` returns a copy, so
     the stored prefix is never changed by the request that continues it."""
 
     def __init__(self, max_bytes: int):
@@ -72,22 +72,22 @@ class PrefixCache:
         self._bytes = 0
         self.hits = self.misses = self.evictions = 0
 
-    def get(self, key: str) -> PmodCache | None:
-        """A copy of the cache stored under `key` (counted as a hit), or None (a miss)."""
+    def get(self, key: str, spare: int | None = None) -> PmodCache | None:
+        """A copy of the cache stored under `key` (counted as a hit; `spare` as in `PmodCache.copy`), or None (a miss)."""
         entry = self._entries.get(key)
         if entry is None:
             self.misses += 1
             return None
         self._entries.move_to_end(key)
         self.hits += 1
-        return entry[0].copy()
+        return entry[0].copy(spare)
 
     def put(self, key: str, cache: PmodCache) -> bool:
         """Store a copy of `cache` (one row) under `key`, evicting the least recently used; False if it alone is
         larger than the bound (then nothing is stored)."""
         if cache.batch_size != 1:
             raise ValueError(f"PrefixCache stores one row per prefix, got a cache of {cache.batch_size} rows")
-        size = cache.allocated_nbytes()
+        size = cache.nbytes()  # stored at its filled size (copy(spare=0))
         if size > self.max_bytes:
             return False
         if key in self._entries:
@@ -96,7 +96,7 @@ class PrefixCache:
             _, (_, old) = self._entries.popitem(last=False)
             self._bytes -= old
             self.evictions += 1
-        self._entries[key] = (cache.copy(), size)
+        self._entries[key] = (cache.copy(spare=0), size)
         self._bytes += size
         return True
 
@@ -115,10 +115,11 @@ class PrefixCache:
 
 
 def continue_prefix(model, prefixes: PrefixCache, input_ids: torch.Tensor, images=None, image_sizes=None,
-                    salt: str = "") -> tuple[dict, bool]:
+                    salt: str = "", max_new_tokens: int = 0) -> tuple[dict, bool]:
     """generate() arguments for ONE prompt ([1, T], no padding) that reuse its prefix: (kwargs, hit). The prefix (up to
     its last image) comes from `prefixes` (a hit) or is prefilled now and stored (a miss); the kwargs then hold
-    only the suffix, with `past_key_values` a copy of the prefix's cache. A prompt without an image: its kwargs as given."""
+    only the suffix, with `past_key_values` a copy of the prefix's cache (room for the suffix and `max_new_tokens`).
+    A prompt without an image: its kwargs as given."""
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"continue_prefix takes one prompt [1, T], got input_ids of shape {tuple(input_ids.shape)}")
     ids = input_ids[0].tolist()
@@ -128,11 +129,12 @@ def continue_prefix(model, prefixes: PrefixCache, input_ids: torch.Tensor, image
         return whole, False
     pixels = list(images) if not torch.is_tensor(images) else list(images.unbind(0))
     key = prefix_key([image_digest(p) for p in pixels], ids[:cut], salt + f"|{model.attn_backend}|{model.dtype}")
-    cache = prefixes.get(key)
+    cache = prefixes.get(key, spare=len(ids) - cut + max_new_tokens)
     hit = cache is not None
     if not hit:
-        with torch.inference_mode():
+        with torch.inference_mode():  # room for the suffix and the answer; stored at its filled size
             cache = model(input_ids=input_ids[:, :cut], images=images, image_sizes=image_sizes, use_cache=True,
-                          logits_to_keep="none", output_routing=False).past_key_values
+                          cache_reserve=len(ids) - cut + max_new_tokens, logits_to_keep="none",
+                          output_routing=False).past_key_values
         prefixes.put(key, cache)
     return {"input_ids": input_ids[:, cut:], "past_key_values": cache}, hit

@@ -193,3 +193,19 @@ def test_bad_continuations_are_named():
     model.attn_backend = "eager"  # reads the other cache layout
     with pytest.raises(ValueError, match="other layout"):
         model(input_ids=torch.full((3, 2), 5), past_key_values=cache)
+
+
+def test_copy_with_spare_slots_continues_the_same_way():
+    """copy(spare=n) sizes each layer to its filled slots + n (zeros beyond): the same tokens, no reallocation."""
+    model = _model("pmod", "sdpa")
+    ids_p, mask_p = _left_pad(_prefix_rows(3))
+    cache = model(input_ids=ids_p, images=_pixels(3, 8), attention_mask=mask_p, use_cache=True).past_key_values
+    chunk = torch.full((3, 3), 7)
+    want = model.generate(input_ids=chunk, past_key_values=cache.copy(), max_new_tokens=4, eos_token_id=[])
+    tight = cache.copy(spare=3 + 4)
+    for i in range(6):
+        n = max(cache.lengths[i])
+        assert tight.k[i].shape[2] == n + 7 and not tight.k[i][:, :, n:].any()
+    ks = [k.data_ptr() for k in tight.k]
+    assert torch.equal(model.generate(input_ids=chunk, past_key_values=tight, max_new_tokens=4, eos_token_id=[]), want)
+    assert [k.data_ptr() for k in tight.k] == ks  # the chunk and the decode steps fit: nothing was reallocated

@@ -29,7 +29,7 @@ def test_split_and_keys():
 def test_lru_within_the_byte_bound_and_counts():
     model = tiny_model(layers=2)
     c = [_cache(model, 2, seed=s) for s in range(4)]
-    size = c[0].allocated_nbytes()
+    size = c[0].nbytes()
     pc = PrefixCache(max_bytes=3 * size)
     for i in range(3):
         assert pc.put(str(i), c[i])

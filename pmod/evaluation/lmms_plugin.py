@@ -242,7 +242,8 @@ class PmodLmms(lmms):
             inputs = self.processor([ctx], images=[ims], chat=True)
             gen = torch.Generator(device=self.device).manual_seed(self.seed) if kw["do_sample"] else None
             args, hit = continue_prefix(self._model, self.prefixes, inputs["input_ids"], inputs["images"],
-                                        inputs["image_sizes"], salt=json.dumps(self.fingerprint, default=str))
+                                        inputs["image_sizes"], salt=json.dumps(self.fingerprint, default=str),
+                                        max_new_tokens=kw["max_new_tokens"])
             tokens = self._model.generate(**args, **kw, stop_strings=until or None, tokenizer=self.tokenizer, generator=gen)
             t, c, r = self._results(inputs, tokens, until)
             r[0].update(prefix_cache="none" if "past_key_values" not in args else ("hit" if hit else "miss"),
