@@ -8,9 +8,12 @@ flips every round); each figure is the median over rounds, each ratio the median
 
 1. Chat: turn 1 prefills [BOS, 28 text, image, 29 text] and decodes a 16-token answer; turn 2 is 21 new tokens
    (the answer's last token, then "USER: ... ASSISTANT:"). Timed: turn 1's prefill; turn 2's prefill continuing
-   (a copy of) the cache; turn 2's prefill from scratch (the whole conversation again, as `pmod chat` did before).
+   (a copy of) the cache; turn 2's prefill from scratch (the whole conversation again, as `pmod chat` did before);
+   one decode step on the same cache (the floor of any forward at batch 1: one pass over the weights).
 2. Questions: 6 questions (29 tokens each) about one image, answered with N new tokens each: 6 independent
-   `generate` calls on the whole prompt vs one prefix prefill + 6 `generate` calls continuing copies of it.
+   `generate` calls on the whole prompt vs one prefix prefill + 6 `generate` calls continuing copies of it; and
+   as batches: the 6 questions as one batch of 6 rows over the prefix's cache replicated, vs the 6 whole prompts
+   as one batch.
 The last stdout line is JSON.
 """
 from __future__ import annotations
@@ -22,6 +25,7 @@ import time
 
 import torch
 
+from pmod.bench.calls import replicate_rows
 from pmod.bench.models import build_dense, with_routers
 from pmod.bench.presets import resolve_preset
 from pmod.config import ModConfig
@@ -65,14 +69,17 @@ def chat(model, V: int, pix, rounds: int) -> dict:
                              output_routing=False)
         again = lambda: model(input_ids=torch.tensor([whole]), images=pix, use_cache=True, logits_to_keep="last",  # noqa: E731
                               output_routing=False)
-        cont(), first(), again()  # warm-up
-        t = _paired({"turn1": first, "turn2_cached": cont, "turn2_scratch": again}, rounds)
+        steps = iter([cache.copy() for _ in range(rounds + 1)])
+        step = lambda: model.decode_step(answer[0, -1:], next(steps))  # noqa: E731  (one pass over the weights)
+        cont(), first(), again(), step()  # warm-up
+        t = _paired({"turn1": first, "turn2_cached": cont, "turn2_scratch": again, "decode_step": step}, rounds)
     return {"turn1_prefill_ms": 1e3 * statistics.median(t["turn1"]),
             "turn2_cached_ms": 1e3 * statistics.median(t["turn2_cached"]),
             "turn2_scratch_ms": 1e3 * statistics.median(t["turn2_scratch"]),
             "turn2_cached_over_turn1": _ratio(t["turn2_cached"], t["turn1"]),
             "turn2_scratch_over_cached": _ratio(t["turn2_scratch"], t["turn2_cached"]),
-            "new_tokens": len(chunk), "turn1_tokens": len(turn1) - 1 + 576, "layer_lengths": cache.layer_lengths()}
+            "decode_step_ms": 1e3 * statistics.median(t["decode_step"]),
+            "new_tokens": len(chunk), "turn1_tokens": len(turn1) - 1 + model.config.vision.num_patches, "layer_lengths": cache.layer_lengths()}
 
 
 def questions(model, V: int, pix, rounds: int, new_tokens: int, n_questions: int = 6) -> dict:
@@ -92,11 +99,25 @@ def questions(model, V: int, pix, rounds: int, new_tokens: int, n_questions: int
         return [model.generate(input_ids=torch.tensor([q]), past_key_values=base.copy(spare=len(q) + new_tokens), **gen)
                 for q in qs]
 
-    same = all(torch.equal(a, b) for a, b in zip(independent(), cached()))  # also the warm-up
-    t = _paired({"independent": independent, "cached": cached}, rounds)
-    return {"new_tokens": new_tokens, "questions": n_questions, "independent_s": statistics.median(t["independent"]),
-            "cached_s": statistics.median(t["cached"]), "speedup": _ratio(t["independent"], t["cached"]),
-            "same_tokens": same}
+    def cached_batch():  # the questions as one batch of rows over the prefix, replicated (an engine's prefix cache)
+        with torch.inference_mode():
+            base = model(input_ids=torch.tensor([prefix]), images=pix, use_cache=True, logits_to_keep="none",
+                         output_routing=False).past_key_values
+        rows = replicate_rows(base.copy(spare=29 + new_tokens), n_questions)
+        return list(model.generate(input_ids=torch.tensor(qs), past_key_values=rows, **gen).unbind(0))
+
+    def independent_batch():  # the 6 whole prompts as one batch
+        return list(model.generate(input_ids=torch.tensor([prefix + q for q in qs]), images=pix.expand(n_questions, -1, -1, -1),
+                                   **gen).unbind(0))
+
+    ref = independent()  # also the warm-up
+    same = all(all(torch.equal(a[0], b.view(-1)) for a, b in zip(ref, f())) for f in (cached, cached_batch, independent_batch))
+    t = _paired({"independent": independent, "cached": cached, "independent_batch": independent_batch,
+                 "cached_batch": cached_batch}, rounds)
+    med = {k: statistics.median(v) for k, v in t.items()}
+    return {"new_tokens": new_tokens, "questions": n_questions, **{f"{k}_s": v for k, v in med.items()},
+            "speedup": _ratio(t["independent"], t["cached"]), "speedup_batched": _ratio(t["independent"], t["cached_batch"]),
+            "speedup_batch_vs_batch": _ratio(t["independent_batch"], t["cached_batch"]), "same_tokens": same}
 
 
 def main() -> None:
@@ -119,11 +140,15 @@ def main() -> None:
         c = chat(m, V, pix, args.rounds)
         print(f"{name:6s} chat: turn 1 prefill {c['turn1_prefill_ms']:.1f} ms ({c['turn1_tokens']} tokens), turn 2 "
               f"continuing {c['turn2_cached_ms']:.1f} ms ({c['new_tokens']} tokens) = {c['turn2_cached_over_turn1']:.1%} "
-              f"of turn 1; turn 2 from scratch {c['turn2_scratch_ms']:.1f} ms ({c['turn2_scratch_over_cached']:.1f}x)", flush=True)
+              f"of turn 1; turn 2 from scratch {c['turn2_scratch_ms']:.1f} ms ({c['turn2_scratch_over_cached']:.1f}x); "
+              f"one decode step {c['decode_step_ms']:.1f} ms", flush=True)
         q = [questions(m, V, pix, args.rounds, n) for n in args.new_tokens]
         for r in q:
             print(f"{name:6s} 6 questions, {r['new_tokens']:2d} new tokens each: independent {r['independent_s']:.2f} s, "
-                  f"one cached prefix {r['cached_s']:.2f} s = {r['speedup']:.2f}x (same tokens: {r['same_tokens']})", flush=True)
+                  f"one cached prefix {r['cached_s']:.2f} s = {r['speedup']:.2f}x; as one batch of 6 over the cached prefix "
+                  f"{r['cached_batch_s']:.2f} s = {r['speedup_batched']:.2f}x (vs the 6 prompts as one batch "
+                  f"{r['independent_batch_s']:.2f} s: {r['speedup_batch_vs_batch']:.2f}x); same tokens: {r['same_tokens']}",
+                  flush=True)
         report[name] = {"chat": c, "questions": q}
     print(json.dumps(report))
 
