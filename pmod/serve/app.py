@@ -93,7 +93,7 @@ def create_app(engine: Engine, settings: ServeSettings):
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         job = Job(inputs, n_prompt, max_tokens, emit=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
                   temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=req.seed, stop=req.stop,
-                  routing=req.routing, timeout_s=settings.request_timeout_s)
+                  routing=req.routing, ignore_eos=req.ignore_eos, timeout_s=settings.request_timeout_s)
         try:
             engine.submit(job)
         except QueueFull as e:

@@ -49,6 +49,7 @@ class Job:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     routing: bool = False
+    ignore_eos: bool = False
     timeout_s: float = 600.0
     id: int = field(default_factory=lambda: next(_ids))
     cancelled: bool = False  # set by the server when the client goes away; read at step boundaries
@@ -230,7 +231,7 @@ class Engine:
                 self._fail(job, 500, f"non-finite logits (NaN/Inf) at generation step {job.generated - 1}")
                 done.append(i)
                 continue
-            reason = "stop" if tok in self.eos else None
+            reason = "stop" if tok in self.eos and not job.ignore_eos else None
             if reason is None:
                 delta = job.text.add(tok)
                 if delta:

@@ -45,6 +45,7 @@ class ChatRequest:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     routing: bool = False  # pmod extension: return the routing map of the first image
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model says (benchmarks)
 
     @property
     def greedy(self) -> bool:
@@ -136,4 +137,5 @@ def parse_chat_request(body: Any) -> ChatRequest:
         max_tokens=max_tokens, temperature=_number(body, "temperature", 1.0, float, 0.0, 2.0),
         top_p=top_p, top_k=_number(body, "top_k", 0, int, 0), stop=stop,
         seed=_number(body, "seed", None, int, -(2**63), 2**63 - 1), routing=bool(isinstance(pm, dict) and pm.get("routing")),
+        ignore_eos=body.get("ignore_eos") is True,
     )

@@ -46,10 +46,11 @@ class RunningServer:
     _server: object
     _thread: threading.Thread
 
-    def stop(self) -> None:
+    def stop(self, close_engine: bool = True) -> None:
         self._server.should_exit = True
         self._thread.join(timeout=30)
-        self.app.state.engine.close()
+        if close_engine:
+            self.app.state.engine.close()
 
 
 def start_server(app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning") -> RunningServer:
