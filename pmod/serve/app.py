@@ -24,6 +24,7 @@ __all__ = ["ServeSettings", "create_app"]
 STATIC = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
           "style.css": "text/css; charset=utf-8"}
 POLL_S = 0.25  # how often a waiting request looks for its client having gone
+GRACE_S = 30.0  # past its timeout by this much, a request stops waiting for the engine (stuck in one long step)
 DRAIN_LIMIT = 256 * 2**20  # an over-long body is read (and dropped) up to this, so the client sees the 413
 
 
@@ -94,6 +95,8 @@ def create_app(engine: Engine, settings: ServeSettings):
         job = Job(inputs, n_prompt, max_tokens, emit=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
                   temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=req.seed, stop=req.stop,
                   routing=req.routing, ignore_eos=req.ignore_eos, timeout_s=settings.request_timeout_s)
+        if not engine.alive:
+            raise RequestError(503, f"the engine is not running ({engine.error!r}); restart the server")
         try:
             engine.submit(job)
         except QueueFull as e:
@@ -147,6 +150,9 @@ async def _next(request, job: Job, events: asyncio.Queue) -> dict | None:
             if await request.is_disconnected():
                 job.cancel()
                 return None
+            if time.monotonic() - job.submitted > job.timeout_s + GRACE_S:
+                job.cancel()
+                return {"type": "error", "status": 504, "message": f"the request timed out after {job.timeout_s:g} s"}
 
 
 def _usage(ev: dict, req: ChatRequest) -> dict:
