@@ -52,6 +52,10 @@ def test_rows_join_at_step_boundaries_and_answers_equal_generate(ref, images):
     assert eng.metrics.counters["prefill_batches"] == 2 and eng._cache.batch_size == 4
     lens = eng._cache.layer_lengths()  # [L, B]: rows of different lengths, MoD layers shorter than dense ones
     assert len(set(lens[0].tolist())) > 1 and (lens[-1] < lens[0]).any()
+    g = eng.metrics.gauges  # KV held = what the cache holds; dense = every layer holding each row's full length
+    per_token = sum(eng._cache.token_nbytes(i) for i in range(eng._cache.num_layers))
+    assert g["kv_cache_bytes"] == eng._cache.nbytes() < g["kv_cache_dense_bytes"] == per_token * int(eng._cache.positions.sum())
+    assert g["running_rows"] == 4
     steps = 3
     while eng._rows:
         eng.step()

@@ -279,8 +279,8 @@ class Engine:
 
     def _gauges(self) -> None:
         kv = dense = 0
-        if self._cache is not None:
-            for i in range(len(self._rows)):
-                a, b = kv_usage(self._cache, i)
-                kv, dense = kv + a, dense + b
+        if self._cache is not None:  # one host read of the positions, not one per row
+            c = self._cache
+            kv = c.nbytes()
+            dense = sum(c.positions.tolist()) * sum(c.token_nbytes(i) for i in range(c.num_layers) if c.k[i] is not None)
         self.metrics.set(running_rows=len(self._rows), kv_cache_bytes=kv, kv_cache_dense_bytes=dense)
