@@ -117,6 +117,15 @@ def _server(model, processor, name: str, max_batch: int):
                                    ServeSettings(model_name=name)))
 
 
+def _counted(srv, fn) -> dict:
+    """fn()'s run, with the model calls it took (deterministic where timing is not: packed prefills, decode steps)."""
+    c = srv.app.state.engine.metrics.counters
+    before = {k: c[k] for k in ("prefill_batches", "decode_steps")}
+    run = fn()
+    run.update({k: int(c[k] - v) for k, v in before.items()})
+    return run
+
+
 def _strip(run: dict) -> dict:
     return {k: v for k, v in run.items() if k != "answers"}
 
@@ -137,8 +146,8 @@ def part_tiny(args, folder: Path) -> dict:
         rounds = []
         try:
             for _ in range(args.rounds):  # interleaved: each round runs both modes back to back
-                cb = concurrent(srv.url, reqs, args.clients)
-                seq = sequential(srv.url, reqs)
+                cb = _counted(srv, lambda: concurrent(srv.url, reqs, args.clients))
+                seq = _counted(srv, lambda: sequential(srv.url, reqs))
                 for run in (cb, seq):
                     run["mismatches"] = sum(a != w for a, w in zip(run["answers"], want))
                 rounds.append({"continuous": _strip(cb), "one_at_a_time": _strip(seq), "ratio": cb["req_per_s"] / seq["req_per_s"]})
@@ -147,7 +156,9 @@ def part_tiny(args, folder: Path) -> dict:
         out[label] = {"rounds": rounds, "ratio_median": statistics.median(r["ratio"] for r in rounds)}
         print(f"[tiny, {label}] continuous vs one at a time: " + ", ".join(
             f"{r['ratio']:.2f}x (errors {len(r['continuous']['errors'])}, mismatches "
-            f"{r['continuous']['mismatches']}+{r['one_at_a_time']['mismatches']})" for r in rounds), file=sys.stderr)
+            f"{r['continuous']['mismatches']}+{r['one_at_a_time']['mismatches']}; model calls "
+            f"{r['continuous']['prefill_batches']}+{r['continuous']['decode_steps']} vs "
+            f"{r['one_at_a_time']['prefill_batches']}+{r['one_at_a_time']['decode_steps']})" for r in rounds), file=sys.stderr)
     return out
 
 

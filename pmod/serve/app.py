@@ -12,7 +12,7 @@ from importlib import resources
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from starlette.concurrency import run_in_threadpool
+import anyio
 
 from pmod.serve.engine import Engine, Job, QueueFull
 from pmod.serve.inputs import context_length, request_inputs
@@ -25,6 +25,7 @@ STATIC = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; 
           "style.css": "text/css; charset=utf-8"}
 POLL_S = 0.25  # how often a waiting request looks for its client having gone
 GRACE_S = 30.0  # past its timeout by this much, a request stops waiting for the engine (stuck in one long step)
+PREP_THREADS = 2  # requests decoding images / tokenising at once: more only oversubscribe the cores the engine needs
 DRAIN_LIMIT = 256 * 2**20  # an over-long body is read (and dropped) up to this, so the client sees the 413
 
 
@@ -42,6 +43,7 @@ def create_app(engine: Engine, settings: ServeSettings):
     app = FastAPI(title="pmod serve", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine, app.state.settings = engine, settings
     name = settings.model_name
+    prep = anyio.CapacityLimiter(PREP_THREADS)
 
     @app.exception_handler(RequestError)
     async def _request_error(request, e: RequestError):
@@ -89,8 +91,9 @@ def create_app(engine: Engine, settings: ServeSettings):
         req = parse_chat_request(_json(await _read_body(request, settings.max_body_bytes)))
         if req.model is not None and req.model != name:
             raise RequestError(404, f"The model `{req.model}` does not exist (this server serves `{name}`).", "model")
-        images = await run_in_threadpool(load_request_images, req.images, settings.media, engine.processor)
-        inputs, n_prompt, max_tokens = await run_in_threadpool(request_inputs, engine.model, engine.processor, req, images)
+        images = await anyio.to_thread.run_sync(load_request_images, req.images, settings.media, engine.processor, limiter=prep)
+        inputs, n_prompt, max_tokens = await anyio.to_thread.run_sync(request_inputs, engine.model, engine.processor, req,
+                                                                      images, limiter=prep)
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         job = Job(inputs, n_prompt, max_tokens, emit=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
                   temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=req.seed, stop=req.stop,
