@@ -48,7 +48,7 @@ def test_parse_errors_name_the_field(body, words):
 
 def test_answer_text_holds_back_what_a_stop_string_may_claim():
     vocab = {1: "The", 2: " cat", 3: " E", 4: "ND", 5: " sat"}
-    decode = lambda ids: "".join(vocab[i] for i in ids)  # noqa: E731
+    decode = lambda ids: "".join(vocab[i] for i in ids)
     t = AnswerText(decode, ["END"])
     sent = [t.add(1), t.add(2), t.add(3)]
     assert "".join(sent) == "The cat"  # ' E' held back: 'END' may be starting there

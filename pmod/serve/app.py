@@ -10,9 +10,9 @@ import uuid
 from dataclasses import dataclass, field
 from importlib import resources
 
+import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-import anyio
 
 from pmod.serve.engine import Engine, Job, QueueFull
 from pmod.serve.inputs import context_length, request_inputs
@@ -149,7 +149,7 @@ async def _next(request, job: Job, events: asyncio.Queue) -> dict | None:
     while True:
         try:
             return await asyncio.wait_for(events.get(), POLL_S)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             if await request.is_disconnected():
                 job.cancel()
                 return None

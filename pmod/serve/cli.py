@@ -1,7 +1,6 @@
 """`pmod serve --model PATH`: the OpenAI-compatible server (see pmod.serve)."""
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 

@@ -13,8 +13,8 @@ import itertools
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -99,7 +99,7 @@ class Engine:
             self.metrics.set(queue_length=len(self._pending))
             self._cv.notify()
 
-    def start(self) -> "Engine":
+    def start(self) -> Engine:
         self._thread = threading.Thread(target=self._loop, name="pmod-engine", daemon=True)
         self._thread.start()
         return self
@@ -124,7 +124,7 @@ class Engine:
                     if self._closing:
                         break
                 self.step()
-        except BaseException as e:  # noqa: BLE001 -- recorded, /health reports it
+        except BaseException as e:
             self.error = e
             raise
         finally:

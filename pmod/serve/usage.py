@@ -10,7 +10,7 @@ from pmod.config import PmodConfig
 from pmod.flops import count_flops
 from pmod.packing import Layout
 
-__all__ = ["prefill_efficiency", "kv_usage", "routing_map"]
+__all__ = ["kv_usage", "prefill_efficiency", "routing_map"]
 
 
 def prefill_efficiency(config: PmodConfig, layout: Layout, row: int) -> dict:
