@@ -180,3 +180,31 @@ def test_serve_binds_loopback_by_default():
     args = build_parser().parse_args(["serve", "--model", str(PMOD)])
     assert (args.host, args.port, args.max_batch) == ("127.0.0.1", 8000, 32)
     assert data_url  # (imported for the module's other tests)
+
+
+def test_remote_images_only_when_enabled(images, ref):
+    """--allow-remote-images: an http URL is fetched (here from a loopback file server), capped in bytes."""
+    import functools
+    import http.server
+
+    from pmod.serve.media import MediaPolicy
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(images[0].parent))
+    files = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=files.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{files.server_address[1]}/{images[1].name}"
+    body = chat(QUESTIONS[0], images[1])
+    body["messages"][0]["content"][0]["image_url"]["url"] = url
+    try:
+        with running_server(PMOD, settings={"media": MediaPolicy(allow_remote=True)}) as srv:
+            r = post(srv, body)
+            assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == ref.answer(QUESTIONS[0], images[1], 8)
+            missing = {**body, "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": url + ".gone"}}, {"type": "text", "text": "?"}]}]}
+            r = post(srv, missing)
+            assert r.status_code == 400 and "could not fetch" in r.json()["error"]["message"]
+        with running_server(PMOD, settings={"media": MediaPolicy(allow_remote=True, max_image_bytes=100)}) as srv:
+            r = post(srv, body)
+            assert r.status_code == 413 and "image 0: the image is over" in r.json()["error"]["message"]
+    finally:
+        files.shutdown()

@@ -21,12 +21,16 @@ class MediaPolicy:
     remote_timeout_s: float = 10.0
 
 
+def _size(n: int) -> str:
+    return f"{n / 2**20:g} MiB" if n >= 2**20 else f"{n} bytes"
+
+
 def _data_url(url: str, what: str, cap: int) -> bytes:
     head, sep, payload = url.partition(",")
     if not sep or not head.endswith(";base64"):
         raise RequestError(400, f"{what}: a data URL must look like data:image/png;base64,<data>", "messages")
     if len(payload) * 3 // 4 > cap:
-        raise RequestError(413, f"{what}: the image is over {cap // 2**20} MiB", "messages")
+        raise RequestError(413, f"{what}: the image is over {_size(cap)}", "messages")
     try:
         return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
@@ -45,7 +49,7 @@ def _local(url: str, what: str, policy: MediaPolicy) -> Path:
     if not p.is_file():
         raise RequestError(400, f"{what}: no image file {path!r} in the allowed media folder", "messages")
     if p.stat().st_size > policy.max_image_bytes:
-        raise RequestError(413, f"{what}: the image is over {policy.max_image_bytes // 2**20} MiB", "messages")
+        raise RequestError(413, f"{what}: the image is over {_size(policy.max_image_bytes)}", "messages")
     return p
 
 
@@ -62,7 +66,7 @@ def _remote(url: str, what: str, policy: MediaPolicy) -> bytes:
             for chunk in r.iter_bytes():
                 data += chunk
                 if len(data) > policy.max_image_bytes:
-                    raise RequestError(413, f"{what}: the image is over {policy.max_image_bytes // 2**20} MiB", "messages")
+                    raise RequestError(413, f"{what}: the image is over {_size(policy.max_image_bytes)}", "messages")
             return bytes(data)
     except httpx.HTTPError as e:
         raise RequestError(400, f"{what}: could not fetch {url!r} ({type(e).__name__}: {e})", "messages") from None
