@@ -7,7 +7,7 @@ import threading
 import urllib.request
 
 import pytest
-from serve_util import PMOD, QUESTIONS, Reference, running_server, user_message, write_images
+from serve_util import DENSE, PMOD, QUESTIONS, Reference, running_server, user_message, write_images
 
 openai = pytest.importorskip("openai")
 
@@ -127,3 +127,15 @@ def test_models_health_metrics_and_page(server):
 def test_unknown_model_is_404(server):
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         client(server).chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+
+
+def test_the_dense_twin_serves_too(images):
+    """The embedded dense model: the same answers as its own `generate`, and usage saying nothing was saved."""
+    ref = Reference(DENSE)
+    with running_server(DENSE) as srv:
+        r = client(srv).chat.completions.create(model="tiny-synth-dense", messages=user_message(QUESTIONS[0], images[0]),
+                                                temperature=0, max_tokens=8)
+    assert r.choices[0].message.content == ref.answer(QUESTIONS[0], images[0], 8)
+    pm = r.usage.pmod
+    assert pm["kept_ratio"] == 1.0 and pm["kv_bytes"] == pm["kv_bytes_dense"]
+    assert pm["prefill_tflops"] == pm["prefill_tflops_dense"]
