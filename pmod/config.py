@@ -274,6 +274,7 @@ class PmodConfig:
     image_aspect_ratio: str = "pad"  # "pad" (LLaVA-1.5), "anyres" (LLaVA-NeXT), "square"
     mm_patch_merge_type: str = "flat"  # "flat" or "spatial_unpad" (adds image_newline)
     image_grid_pinpoints: list[list[int]] | None = None
+    anyres_max_crops: int | None = None  # LLaVA-OneVision's anyres_max_N: shrink the unpadded map to ~N crops
     model_max_length: int = 2048
     padding_side: str = "right"
     conv_template: str = "vicuna_v1"
@@ -300,6 +301,12 @@ class PmodConfig:
         )
         if self.image_aspect_ratio == "anyres":
             _check(bool(self.image_grid_pinpoints), "PmodConfig: image_aspect_ratio='anyres' needs image_grid_pinpoints")
+        if self.anyres_max_crops is not None:
+            _check(_is_int(self.anyres_max_crops) and self.anyres_max_crops >= 1,
+                   f"PmodConfig: anyres_max_crops must be a positive integer or null, got {self.anyres_max_crops!r}")
+            _check(self.uses_image_newline, "PmodConfig: anyres_max_crops (LLaVA-OneVision) needs image_aspect_ratio='anyres' "
+                                            f"and mm_patch_merge_type='spatial_unpad', got {self.image_aspect_ratio!r}, "
+                                            f"{self.mm_patch_merge_type!r}")
         _check(self.padding_side in ("left", "right"), f"PmodConfig: padding_side={self.padding_side!r}")
         _check_ints("PmodConfig", self, ("model_max_length",))
         if self.image_grid_pinpoints is not None:

@@ -4,7 +4,8 @@ Supported layouts (detected from `config.json`):
 - ours (`model_type: pmod`), written by `save_pretrained`;
 - official p-MoD (`model_type: pmod_llava_llama`);
 - original LLaVA-1.5 / LLaVA-NeXT (`llava_llama`, `llava_mistral`, `llava_qwen`), dense;
-- transformers llava-hf (`llava`, `llava_next`), dense.
+- transformers llava-hf (`llava`, `llava_next`), dense;
+- transformers LLaVA-OneVision (`llava_onevision`), dense (`pmod.io.hf_vlm`).
 A dense checkpoint becomes a p-MoD model with `mod=ModConfig(...)` (routers inserted, zero init).
 """
 from __future__ import annotations
@@ -62,10 +63,12 @@ def detect_layout(raw: dict[str, Any]) -> str:
         return "llava"
     if mt in ("llava", "llava_next"):
         return "llava_hf"
+    if mt == "llava_onevision":
+        return "onevision_hf"
     raise CheckpointError(
         f"unknown checkpoint layout: config.json has model_type={mt!r}; pmod reads 'pmod' (ours), "
-        f"'pmod_llava_llama' (official p-MoD), 'llava_llama'/'llava_mistral'/'llava_qwen' (original LLaVA) "
-        f"and 'llava'/'llava_next' (transformers llava-hf)"
+        f"'pmod_llava_llama' (official p-MoD), 'llava_llama'/'llava_mistral'/'llava_qwen' (original LLaVA), "
+        f"'llava'/'llava_next' (transformers llava-hf) and 'llava_onevision' (transformers LLaVA-OneVision)"
     )
 
 
@@ -104,9 +107,14 @@ def _config_and_keymap(folder: Path, vision_tower: str | None = None) -> tuple[P
     try:
         if layout == "pmod":
             return PmodConfig.from_dict(raw), OURS, layout
-        if layout == "llava_hf":
+        if layout in ("llava_hf", "onevision_hf"):
             pre = folder / "preprocessor_config.json"
-            return pmod_config_from_llava_hf(raw, _read_json(pre) if pre.exists() else None), LLAVA_HF, layout
+            pre_raw = _read_json(pre) if pre.exists() else None
+            if layout == "onevision_hf":
+                from pmod.io.hf_vlm import ONEVISION_HF, pmod_config_from_onevision_hf
+
+                return pmod_config_from_onevision_hf(raw, pre_raw), ONEVISION_HF, layout
+            return pmod_config_from_llava_hf(raw, pre_raw), LLAVA_HF, layout
         if "mm_vision_tower" not in raw:
             raise CheckpointError(f"{path}: a {raw.get('model_type')} config needs mm_vision_tower")
         vision = clip_vision_config(

@@ -127,6 +127,12 @@ class PmodForConditionalGeneration(nn.Module):
 
         sizes = _check_sizes(image_sizes, n)
         v = self.config.vision
+        if self.config.anyres_max_crops is not None:  # LLaVA-OneVision
+            from pmod.multimodal.onevision import onevision_num_tokens
+
+            return [onevision_num_tokens(s, self.config.image_grid_pinpoints, v.image_size, v.image_size // v.patch_size,
+                                         self.config.anyres_max_crops, tiled=crops.shape[0] > 1)
+                    for s, crops in zip(sizes, images)]
         return [
             anyres_num_tokens(s, self.config.image_grid_pinpoints, v.image_size, v.image_size // v.patch_size, self.config.mm_patch_merge_type)
             for s in sizes
@@ -153,6 +159,14 @@ class PmodForConditionalGeneration(nn.Module):
         feats = self.projector(feats.to(self.projector_dtype)).split([c.shape[0] for c in crops])
         v = self.config.vision
         newline = getattr(self, "image_newline", None)
+        if self.config.anyres_max_crops is not None:  # LLaVA-OneVision
+            from pmod.multimodal.onevision import assemble_onevision_features
+
+            return torch.cat([
+                assemble_onevision_features(f, s, self.config.image_grid_pinpoints, v.image_size, v.image_size // v.patch_size,
+                                            newline, self.config.anyres_max_crops)
+                for f, s in zip(feats, sizes)
+            ])
         return torch.cat([
             assemble_anyres_features(f, s, self.config.image_grid_pinpoints, v.image_size, v.image_size // v.patch_size,
                                      newline, self.config.mm_patch_merge_type)

@@ -1,0 +1,70 @@
+"""transformers' Qwen-based vision-language layouts -> PmodConfig + key maps.
+
+- `llava_onevision` (LLaVA-OneVision: SigLIP tower, Qwen2 decoder, anyres_max_N tiling): the llava-hf key names,
+  both the pre-4.52 spelling (`language_model.model.*`, `vision_tower.vision_model.*`) and transformers 5's.
+Field names follow transformers' configs; what pmod cannot reproduce exactly is refused with the field named.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from pmod.config import ModConfig, PmodConfig, VisionConfig
+from pmod.io.keymaps import LLAVA_HF, KeyMap
+from pmod.io.legacy import text_config_from_llama
+
+__all__ = ["ONEVISION_HF", "SIGLIP_FIELDS", "pmod_config_from_onevision_hf"]
+
+SIGLIP_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels",
+                 "image_size", "patch_size", "hidden_act", "layer_norm_eps", "attention_dropout")
+SIGLIP_NORM = (0.5, 0.5, 0.5)  # siglip-so400m's preprocessor_config.json (the OneVision processors use it too)
+
+# The same names as llava-hf (projector linear_1 / linear_2, image_newline, vision_tower.*, language_model.*).
+ONEVISION_HF = KeyMap("llava-onevision", [(p.pattern, r) for p, r in LLAVA_HF.rules], [(p.pattern, r) for p, r in LLAVA_HF.inverse])
+
+
+def _image_norm(pre: dict[str, Any] | None) -> dict[str, tuple[float, ...]]:
+    pre = pre or {}
+    return {"image_mean": tuple(pre.get("image_mean", SIGLIP_NORM)), "image_std": tuple(pre.get("image_std", SIGLIP_NORM))}
+
+
+def pmod_config_from_onevision_hf(c: dict[str, Any], image_processor: dict[str, Any] | None = None) -> PmodConfig:
+    """A dense PmodConfig from transformers' `llava_onevision` config.json (+ preprocessor_config.json if present)."""
+    from pmod.multimodal.onevision import parse_anyres_max
+
+    tc, vc = dict(c["text_config"]), dict(c.get("vision_config") or {})
+    if tc.get("model_type", "qwen2") != "qwen2":
+        raise ValueError(f"llava_onevision text_config.model_type={tc.get('model_type')!r} unsupported; pmod loads Qwen2 decoders")
+    if tc.get("use_sliding_window"):
+        raise ValueError("llava_onevision text_config.use_sliding_window=true is unsupported (pmod attends to the full context)")
+    mt = vc.get("model_type", "siglip_vision_model")
+    if mt not in ("siglip_vision_model", "siglip"):
+        raise ValueError(f"llava_onevision vision_config.model_type={mt!r} unsupported; pmod loads SigLIP towers")
+    layer = c.get("vision_feature_layer", -1)
+    if not isinstance(layer, int):
+        raise ValueError(f"vision_feature_layer={layer!r}: only a single layer is supported")
+    if c.get("vision_feature_select_strategy", "full") != "full":
+        raise ValueError(f"vision_feature_select_strategy={c.get('vision_feature_select_strategy')!r}: a SigLIP tower has no "
+                         f"CLS token to drop; OneVision uses 'full'")
+    if c.get("projector_hidden_act", "gelu") != "gelu" or not c.get("multimodal_projector_bias", True):
+        raise ValueError("llava_onevision projector must be Linear-GELU-Linear with biases")
+    # transformers' SiglipVisionConfig defaults, written out: the tower is rebuilt from this dict alone
+    siglip = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+              "num_channels": 3, "image_size": 224, "patch_size": 16, "hidden_act": "gelu_pytorch_tanh",
+              "layer_norm_eps": 1e-6, "attention_dropout": 0.0}
+    siglip.update({k: vc[k] for k in SIGLIP_FIELDS if k in vc})
+    siglip["vision_use_head"] = False  # OneVision checkpoints carry no pooling head
+    vision = VisionConfig(backend="siglip", name=c.get("_name_or_path") or None, clip=siglip, select_layer=layer,
+                          select_feature="patch", **_image_norm(image_processor))
+    tie = bool(c.get("tie_word_embeddings", False) or tc.get("tie_word_embeddings", False))
+    text = text_config_from_llama({**tc, "model_type": "qwen2", "tie_word_embeddings": tie})
+    pins = c.get("image_grid_pinpoints") or (image_processor or {}).get("image_grid_pinpoints")
+    if not pins:
+        raise ValueError("llava_onevision config has no image_grid_pinpoints")
+    return PmodConfig(
+        text=text, vision=vision, mod=ModConfig(schedule="none"), projector_type="mlp2x_gelu",
+        image_aspect_ratio="anyres", mm_patch_merge_type="spatial_unpad",
+        # transformers lists pinpoints as (height, width); pmod as (width, height)
+        image_grid_pinpoints=[[int(w), int(h)] for h, w in pins],
+        anyres_max_crops=parse_anyres_max(c.get("vision_aspect_ratio", "anyres_max_9")),
+        model_max_length=text.max_position_embeddings, padding_side="left", conv_template="qwen",
+    )
