@@ -62,7 +62,7 @@ class ConversationDataset(Dataset):
         return [s.words + per_image * len(s.images) for s in self.samples]
 
     def _build(self, s: Sample) -> dict[str, Any]:
-        pixels, sizes = self.processor.process_images(s.images) if s.images else (None, [])
+        pixels, sizes = self.processor.process_images(s.images, [len(s.images)]) if s.images else (None, [])
         tok = tokenize_segments(self.tokenizer, segments(self.template, s.messages))
         widths = [image_feature_tokens(self.processor.config, sz) for sz in sizes]
         cut = truncate(tok, widths, self.max_length)
