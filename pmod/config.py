@@ -21,8 +21,8 @@ __all__ = ["TextConfig", "VisionConfig", "ModConfig", "PmodConfig", "CONFIG_NAME
 CONFIG_NAME = "config.json"
 MODEL_TYPE = "pmod"
 ROUTER_NORMS = ("tanh", "sigmoid", "softmax", "none")
-PROJECTORS = ("mlp2x_gelu", "linear")
-VISION_BACKENDS = ("clip", "siglip", "timm")
+PROJECTORS = ("mlp2x_gelu", "linear", "none")  # none: the tower projects itself (Qwen2.5-VL's patch merger)
+VISION_BACKENDS = ("clip", "siglip", "timm", "qwen2_5_vl")
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -87,6 +87,7 @@ class TextConfig:
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
     pad_token_id: int | None = 0
+    mrope_section: list[int] | None = None  # Qwen2-VL's M-RoPE: rotary pairs driven by the (t, h, w) positions
 
     def __post_init__(self) -> None:
         # types and ranges first, so that no arithmetic below meets a string, a zero or a negative size
@@ -115,6 +116,12 @@ class TextConfig:
             f"num_key_value_heads={self.num_key_value_heads}",
         )
         _check(self.hidden_act == "silu", f"TextConfig: hidden_act={self.hidden_act!r} unsupported (SwiGLU needs 'silu')")
+        if self.mrope_section is not None:
+            sec = self.mrope_section
+            _check(isinstance(sec, (list, tuple)) and len(sec) == 3 and all(_is_int(v) and v >= 0 for v in sec)
+                   and sum(sec) == self.head_dim // 2,
+                   f"TextConfig: mrope_section={sec!r} must be 3 non-negative integers summing to head_dim // 2 = {self.head_dim // 2}")
+            self.mrope_section = [int(v) for v in sec]
         if self.rope_scaling is not None:
             _check(isinstance(self.rope_scaling, dict), f"TextConfig: rope_scaling must be a mapping or null, got {self.rope_scaling!r}")
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
@@ -146,6 +153,8 @@ class VisionConfig:
     select_feature: str = "patch"  # "patch" drops CLS, "cls_patch" keeps it
     image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
     image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+    min_pixels: int | None = None  # qwen2_5_vl: the processor's dynamic-resolution bounds (smart_resize)
+    max_pixels: int | None = None
 
     def __post_init__(self) -> None:
         _check(self.backend in VISION_BACKENDS, f"VisionConfig: backend={self.backend!r}; expected one of {VISION_BACKENDS}")
@@ -158,6 +167,15 @@ class VisionConfig:
         _check(_is_int(self.select_layer), f"VisionConfig: select_layer must be an integer, got {self.select_layer!r}")
         if self.backend == "timm":
             _check(bool(self.timm_model), "VisionConfig: backend='timm' needs timm_model")
+        elif self.backend == "qwen2_5_vl":  # Qwen2_5_VLVisionConfig fields; transformers validates the rest
+            _check(isinstance(self.clip, dict), f"VisionConfig: clip must be a mapping of tower config fields, got {self.clip!r}")
+            for name in ("hidden_size", "out_hidden_size", "depth", "num_heads", "patch_size", "spatial_merge_size",
+                         "temporal_patch_size", "in_channels"):
+                v = self.clip.get(name, 1)
+                _check(_is_int(v) and v >= 1, f"VisionConfig: {name} must be a positive integer, got {v!r}")
+            _check_ints("VisionConfig", self, ("min_pixels", "max_pixels"), optional=True)
+            _check(self.min_pixels is None or self.max_pixels is None or self.min_pixels <= self.max_pixels,
+                   f"VisionConfig: min_pixels={self.min_pixels} exceeds max_pixels={self.max_pixels}")
         else:
             _check(isinstance(self.clip, dict), f"VisionConfig: clip must be a mapping of tower config fields, got {self.clip!r}")
             for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
@@ -180,6 +198,8 @@ class VisionConfig:
 
     @property
     def hidden_size(self) -> int:
+        if self.backend == "qwen2_5_vl":  # what the tower hands the decoder (after its merger)
+            return int(self.clip["out_hidden_size"])
         if self.backend != "timm":
             return int(self.clip.get("hidden_size", 768))  # CLIPVisionConfig / SiglipVisionConfig defaults
         return int(self.timm_kwargs["embed_dim"]) if "embed_dim" in self.timm_kwargs else _timm_width(self.timm_model)
@@ -292,8 +312,8 @@ class PmodConfig:
                                                          f"got {type(getattr(self, name)).__name__}")
         _check(self.projector_type in PROJECTORS, f"PmodConfig: projector_type={self.projector_type!r}; expected one of {PROJECTORS}")
         _check(
-            self.image_aspect_ratio in ("pad", "anyres", "square"),
-            f"PmodConfig: image_aspect_ratio={self.image_aspect_ratio!r}; expected 'pad', 'anyres' or 'square'",
+            self.image_aspect_ratio in ("pad", "anyres", "square", "native"),
+            f"PmodConfig: image_aspect_ratio={self.image_aspect_ratio!r}; expected 'pad', 'anyres', 'square' or 'native'",
         )
         _check(
             self.mm_patch_merge_type in ("flat", "spatial_unpad", "spatial"),
@@ -301,6 +321,10 @@ class PmodConfig:
         )
         if self.image_aspect_ratio == "anyres":
             _check(bool(self.image_grid_pinpoints), "PmodConfig: image_aspect_ratio='anyres' needs image_grid_pinpoints")
+        native = self.vision.backend == "qwen2_5_vl"
+        _check(native == (self.image_aspect_ratio == "native") and native == (self.projector_type == "none"),
+               f"PmodConfig: the qwen2_5_vl tower goes with image_aspect_ratio='native' and projector_type='none' (and only "
+               f"it), got backend={self.vision.backend!r}, {self.image_aspect_ratio!r}, {self.projector_type!r}")
         if self.anyres_max_crops is not None:
             _check(_is_int(self.anyres_max_crops) and self.anyres_max_crops >= 1,
                    f"PmodConfig: anyres_max_crops must be a positive integer or null, got {self.anyres_max_crops!r}")

@@ -5,7 +5,7 @@ Supported layouts (detected from `config.json`):
 - official p-MoD (`model_type: pmod_llava_llama`);
 - original LLaVA-1.5 / LLaVA-NeXT (`llava_llama`, `llava_mistral`, `llava_qwen`), dense;
 - transformers llava-hf (`llava`, `llava_next`), dense;
-- transformers LLaVA-OneVision (`llava_onevision`), dense (`pmod.io.hf_vlm`).
+- transformers LLaVA-OneVision (`llava_onevision`) and Qwen2.5-VL (`qwen2_5_vl`), dense (`pmod.io.hf_vlm`).
 A dense checkpoint becomes a p-MoD model with `mod=ModConfig(...)` (routers inserted, zero init).
 """
 from __future__ import annotations
@@ -65,10 +65,12 @@ def detect_layout(raw: dict[str, Any]) -> str:
         return "llava_hf"
     if mt == "llava_onevision":
         return "onevision_hf"
+    if mt == "qwen2_5_vl":
+        return "qwen2_5_vl"
     raise CheckpointError(
         f"unknown checkpoint layout: config.json has model_type={mt!r}; pmod reads 'pmod' (ours), "
         f"'pmod_llava_llama' (official p-MoD), 'llava_llama'/'llava_mistral'/'llava_qwen' (original LLaVA), "
-        f"'llava'/'llava_next' (transformers llava-hf) and 'llava_onevision' (transformers LLaVA-OneVision)"
+        f"'llava'/'llava_next' (transformers llava-hf) and 'llava_onevision' / 'qwen2_5_vl' (transformers)"
     )
 
 
@@ -107,13 +109,17 @@ def _config_and_keymap(folder: Path, vision_tower: str | None = None) -> tuple[P
     try:
         if layout == "pmod":
             return PmodConfig.from_dict(raw), OURS, layout
-        if layout in ("llava_hf", "onevision_hf"):
+        if layout in ("llava_hf", "onevision_hf", "qwen2_5_vl"):
             pre = folder / "preprocessor_config.json"
             pre_raw = _read_json(pre) if pre.exists() else None
             if layout == "onevision_hf":
                 from pmod.io.hf_vlm import ONEVISION_HF, pmod_config_from_onevision_hf
 
                 return pmod_config_from_onevision_hf(raw, pre_raw), ONEVISION_HF, layout
+            if layout == "qwen2_5_vl":
+                from pmod.io.hf_vlm import QWEN2_5_VL, pmod_config_from_qwen2_5_vl
+
+                return pmod_config_from_qwen2_5_vl(raw, pre_raw), QWEN2_5_VL, layout
             return pmod_config_from_llava_hf(raw, pre_raw), LLAVA_HF, layout
         if "mm_vision_tower" not in raw:
             raise CheckpointError(f"{path}: a {raw.get('model_type')} config needs mm_vision_tower")

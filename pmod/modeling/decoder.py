@@ -13,6 +13,7 @@ from torch.utils.checkpoint import checkpoint
 from pmod.config import PmodConfig
 from pmod.modeling.block import AttnContext, DecoderLayer, RMSNorm
 from pmod.modeling.mod import RoutingRecord, mod_layer_forward
+from pmod.modeling.mrope import mrope_cos_sin
 from pmod.modeling.rope import rope_cos_sin, rope_inv_freq
 from pmod.packing import Layout
 
@@ -36,6 +37,8 @@ class LanguageModel(nn.Module):
         dev = position_ids.device
         if dev not in self._inv_freq:  # computed lazily: the module may have been built on the meta device
             self._inv_freq[dev] = rope_inv_freq(self.config.text, dev)
+        if position_ids.dim() == 2:  # [3, N]: M-RoPE
+            return mrope_cos_sin(position_ids, self._inv_freq[dev], self.config.text.mrope_section, dtype)
         return rope_cos_sin(position_ids, self._inv_freq[dev], dtype)
 
     def _run(self, fn, *args):
@@ -45,7 +48,7 @@ class LanguageModel(nn.Module):
 
     def forward(self, x: torch.Tensor, layout: Layout, ctx: AttnContext, record: bool = True) -> tuple[torch.Tensor, list[RoutingRecord]]:
         """Prefill or training over packed tokens x [N, C]; returns the final-normed hidden states."""
-        cos, sin = self.rope(layout.position_ids, x.dtype)
+        cos, sin = self.rope(layout.position_ids if layout.rope_positions is None else layout.rope_positions, x.dtype)
         records: list[RoutingRecord] = []
         route = layout.has_vision
         if route:

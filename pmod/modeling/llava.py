@@ -11,6 +11,7 @@ Legend: B rows, T input length, M merged length, N packed tokens, C hidden, V vo
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -121,6 +122,10 @@ class PmodForConditionalGeneration(nn.Module):
     def image_token_counts(self, images, image_sizes: list[ImageSize] | None) -> list[int]:
         """Feature tokens of each image, from shapes and sizes alone (before the tower runs)."""
         n = _num_images(images)
+        if self.config.image_aspect_ratio == "native":  # Qwen2.5-VL: the merged grid of each image
+            from pmod.modeling.vision_qwen import merged_grid
+
+            return [math.prod(merged_grid(x)) for x in ([images] if torch.is_tensor(images) else images)]
         if self.config.image_aspect_ratio != "anyres":
             return [self.config.vision.num_patches] * n
         from pmod.multimodal.anyres import anyres_num_tokens
@@ -142,6 +147,9 @@ class PmodForConditionalGeneration(nn.Module):
         """Pixels -> projected features of all images, concatenated in order: [sum n_i, C]."""
         tower_trainable = any(p.requires_grad for p in self.vision_tower.parameters())
         dev = next(self.vision_tower.parameters()).device
+        if self.config.image_aspect_ratio == "native":  # Qwen2.5-VL: the tower merges and projects itself
+            with torch.set_grad_enabled(torch.is_grad_enabled() and tower_trainable):
+                return self.vision_tower([images] if torch.is_tensor(images) else list(images))  # [sum n_i, C]
         if self.config.image_aspect_ratio != "anyres":
             pixels = images if torch.is_tensor(images) else torch.stack(list(images))
             if pixels.dim() != 4:
@@ -191,6 +199,10 @@ class PmodForConditionalGeneration(nn.Module):
         check_images(images, self.config)
         counts = self.image_token_counts(images, image_sizes) if images is not None else []
         layout = build_layout(ids_host, mask_host, counts, self.device, max_length=self.config.model_max_length)
+        if self.config.text.mrope_section is not None:  # Qwen2.5-VL: (t, h, w) positions, decode continues after the max
+            from pmod.modeling.mrope import attach_mrope
+
+            attach_mrope(layout, ids_host, mask_host, images)
         ids = input_ids.to(self.device).flatten().index_select(0, layout.text_src)  # [Nt]
         emb = self.language_model.embed_tokens(ids)  # [Nt, C]
         x = emb.new_zeros(layout.num_tokens, emb.shape[-1]).index_copy(0, layout.text_dest, emb)
@@ -223,7 +235,8 @@ class PmodForConditionalGeneration(nn.Module):
         with backend.scope(x.device):
             h, routing = self.language_model(x, layout, AttnContext(backend, layout.varlen, cache), record=output_routing)
         if cache is not None:
-            cache.positions = torch.tensor(layout.varlen.lens, dtype=torch.long).to(h.device, non_blocking=True)
+            start = layout.next_positions if layout.next_positions is not None else layout.varlen.lens
+            cache.positions = torch.tensor(start, dtype=torch.long).to(h.device, non_blocking=True)
 
         loss = None
         if labels is not None:

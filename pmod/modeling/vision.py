@@ -77,4 +77,8 @@ class TimmTower(nn.Module):
 
 
 def build_vision_tower(cfg: VisionConfig) -> nn.Module:
+    if cfg.backend == "qwen2_5_vl":
+        from pmod.modeling.vision_qwen import Qwen25VLTower
+
+        return Qwen25VLTower(cfg)
     return {"clip": CLIPTower, "siglip": SiglipTower, "timm": TimmTower}[cfg.backend](cfg)

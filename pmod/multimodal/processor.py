@@ -70,6 +70,13 @@ class PmodProcessor:
         pil = [load_image(im, max_pixels=self.max_pixels, max_side=self.max_side, max_aspect_ratio=self.max_aspect_ratio,
                           exif_transpose=self.exif_transpose) for im in images]
         sizes = [im.size for im in pil]
+        if cfg.image_aspect_ratio == "native":  # Qwen2.5-VL: dynamic resolution, one tensor per image
+            from pmod.multimodal.qwen2_5_vl import qwen_pixel_values
+
+            c = v.clip
+            return [qwen_pixel_values(im, c.get("patch_size", 14), c.get("spatial_merge_size", 2), c.get("temporal_patch_size", 2),
+                                      v.min_pixels or 56 * 56, v.max_pixels or 28 * 28 * 1280, v.image_mean, v.image_std)
+                    for im in pil], sizes
         if cfg.anyres_max_crops is not None:
             from pmod.multimodal.onevision import onevision_pixel_values
 
@@ -124,7 +131,7 @@ class PmodProcessor:
                 msgs = [{"role": "user", "content": t}] if isinstance(t, str) else [dict(m) for m in t]
                 first_user = next(m for m in msgs if m["role"] == "user")
                 if ims and not any(IMAGE_PLACEHOLDER in m["content"] for m in msgs):
-                    first_user["content"] = (IMAGE_PLACEHOLDER + "\n") * len(ims) + first_user["content"]
+                    first_user["content"] = self.template.image_format * len(ims) + first_user["content"]
                 t = self.apply_template(msgs)
             n_ph = t.count(IMAGE_PLACEHOLDER)
             if n_ph != len(ims):
