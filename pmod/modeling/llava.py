@@ -11,7 +11,6 @@ Legend: B rows, T input length, M merged length, N packed tokens, C hidden, V vo
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -122,26 +121,14 @@ class PmodForConditionalGeneration(nn.Module):
     def image_token_counts(self, images, image_sizes: list[ImageSize] | None) -> list[int]:
         """Feature tokens of each image, from shapes and sizes alone (before the tower runs)."""
         n = _num_images(images)
-        if self.config.image_aspect_ratio == "native":  # Qwen2.5-VL: the merged grid of each image
-            from pmod.modeling.vision_qwen import merged_grid
-
-            return [math.prod(merged_grid(x)) for x in ([images] if torch.is_tensor(images) else images)]
-        if self.config.image_aspect_ratio != "anyres":
+        if self.config.image_aspect_ratio in ("pad", "square"):
             return [self.config.vision.num_patches] * n
-        from pmod.multimodal.anyres import anyres_num_tokens
+        from pmod.multimodal.tokens import image_token_count
 
+        if self.config.image_aspect_ratio == "native":  # Qwen2.5-VL: the merged grid of each image's tensor
+            return [image_token_count(self.config, x, None) for x in ([images] if torch.is_tensor(images) else images)]
         sizes = _check_sizes(image_sizes, n)
-        v = self.config.vision
-        if self.config.anyres_max_crops is not None:  # LLaVA-OneVision
-            from pmod.multimodal.onevision import onevision_num_tokens
-
-            return [onevision_num_tokens(s, self.config.image_grid_pinpoints, v.image_size, v.image_size // v.patch_size,
-                                         self.config.anyres_max_crops, tiled=crops.shape[0] > 1)
-                    for s, crops in zip(sizes, images)]
-        return [
-            anyres_num_tokens(s, self.config.image_grid_pinpoints, v.image_size, v.image_size // v.patch_size, self.config.mm_patch_merge_type)
-            for s in sizes
-        ]
+        return [image_token_count(self.config, crops, s) for crops, s in zip(images, sizes)]
 
     def encode_images(self, images, image_sizes: list[ImageSize] | None = None) -> torch.Tensor:
         """Pixels -> projected features of all images, concatenated in order: [sum n_i, C]."""
