@@ -22,7 +22,12 @@ PINS_HW = [[42, 42], [42, 84], [84, 42], [84, 84], [42, 126], [126, 42], [126, 1
 
 
 def tiny_onevision_hf(folder, aspect="anyres_max_9", tie=False, seed=0):
-    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config, SiglipVisionConfig
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
 
     torch.manual_seed(seed)
     tc = Qwen2Config(vocab_size=120, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,

@@ -115,7 +115,7 @@ def test_greedy_generation_matches_transformers(pair):
 def test_positions_equal_get_rope_index(pair, grids):
     hf, _, _ = pair
     imgs = [torch.zeros(*g, M * M, DP) for g in grids]
-    seq = [5, 6] + sum(([pmod.IMAGE_TOKEN_INDEX, 7, 8] for _ in grids), []) + [9]
+    seq = [5, 6] + [t for _ in grids for t in (pmod.IMAGE_TOKEN_INDEX, 7, 8)] + [9]
     ids = torch.tensor([seq])
     kw = hf_inputs(ids, imgs) if grids else {"input_ids": ids, "mm_token_type_ids": torch.zeros_like(ids)}
     pos, nxt = mrope_positions(ids.numpy(), np.ones(ids.shape, bool), grids)

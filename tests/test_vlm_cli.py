@@ -29,10 +29,16 @@ def checkpoints(tmp_path_factory):
     return root
 
 
+# options the tiny widths need (bone's r x r blocks must divide 32, 64 and 96) or a strategy cannot start without
+OPTIONS = {"bone": ["r=16"], "miss": ["r=16"], "ticket": ["random=true"]}
+
+
 def train(root, family, strategy, steps=2):
     out = root / f"out-{family}-{strategy}"
+    opts = [a for o in OPTIONS.get(strategy, []) for a in ("--strategy-option", o)]
     rc = main(["train", "--recipe", "tiny-cpu", "--model", str(root / family), "--data", str(root / "data" / "train.json"),
-               "--image-folder", str(root / "data"), "--output", str(out), "--max-steps", str(steps), "--strategy", strategy])
+               "--image-folder", str(root / "data"), "--output", str(out), "--max-steps", str(steps), "--strategy", strategy,
+               *opts])
     assert rc == 0
     return out
 

@@ -8,7 +8,6 @@ the decoder's width (its merger is the projector). Legend: Np patches, Nv merged
 """
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 
