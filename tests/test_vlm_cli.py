@@ -65,8 +65,32 @@ def test_train_converts_to_pmod_and_the_result_loads_and_generates(checkpoints, 
     assert "kept per stage" in err
 
 
+@pytest.mark.parametrize("family, recipe", [("onevision", "pmod-onevision"), ("qwen2_5_vl", "pmod-qwen2.5-vl")])
+def test_the_family_recipe_runs_on_a_tiny_checkpoint(checkpoints, family, recipe):
+    """The 7B recipe as written (template, schedule, gradient checkpointing, lr), sized down to one CPU step."""
+    out = checkpoints / f"recipe-{family}"
+    assert main(["train", "--recipe", recipe, "--model", str(checkpoints / family), "--data", str(checkpoints / "data" / "train.json"),
+                 "--image-folder", str(checkpoints / "data"), "--output", str(out), "--max-steps", "1", "--per-device-batch-size", "2",
+                 "--gradient-accumulation-steps", "1", "--num-workers", "0", "--mixed-precision", "no", "--no-tf32"]) == 0
+    cfg = pmod.load_config(out)
+    assert not cfg.is_dense and cfg.conv_template == {"onevision": "chatml", "qwen2_5_vl": "qwen2_vl"}[family]  # "qwen" is chatml
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("strategy", pmod.list_strategies())
 def test_every_strategy_trains(checkpoints, family, strategy):
     train(checkpoints, family, strategy, steps=2)
+
+
+@pytest.mark.slow
+def test_eval_runs_on_both(checkpoints):
+    """`pmod eval` (lmms-eval's own CLI in a subprocess) on the local pmod_synth task, a p-MoD-converted OneVision
+    beside a trained Qwen2.5-VL."""
+    pytest.importorskip("lmms_eval", reason="the eval extra is not installed")
+    ov, qw = train(checkpoints, "onevision", "full"), train(checkpoints, "qwen2_5_vl", "full")
+    out = checkpoints / "eval"
+    assert main(["eval", "--model", str(ov), "--compare", str(qw), "--tasks", "pmod_synth", "--limit", "3",
+                 "--output", str(out), "--quiet"]) == 0
+    models = json.loads((out / "results.json").read_text())["models"]
+    assert len(models) == 2 and all("pmod_synth" in m["scores"] for m in models)
