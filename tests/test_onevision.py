@@ -182,3 +182,10 @@ def test_parse_anyres_max():
     assert parse_anyres_max("anyres_max_9") == 9
     with pytest.raises(ValueError, match="anyres_max_N"):
         parse_anyres_max("anyres")
+
+
+def test_crop_count_is_checked_before_the_tower(pair):
+    _, ours, _ = pair
+    ids, _, _ = make_batch([(2, 1, 2)], vocab=100)
+    with pytest.raises(ValueError, match=r"takes 1 \+ 3x1 crops"):
+        ours(input_ids=ids, images=[torch.randn(3, 3, S, S)], image_sizes=[(300, 41)])

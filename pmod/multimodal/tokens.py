@@ -24,8 +24,13 @@ def image_token_count(config: PmodConfig, pixels: torch.Tensor, size_wh: tuple[i
         return v.num_patches
     side = v.image_size // v.patch_size
     if config.anyres_max_crops is not None:
+        from pmod.multimodal.anyres import grid_shape
         from pmod.multimodal.onevision import onevision_num_tokens
 
+        gw, gh = grid_shape(size_wh, config.image_grid_pinpoints, v.image_size)
+        if pixels.shape[0] not in (1, 1 + gw * gh):  # before the tower runs, not after
+            raise ValueError(f"an image of {size_wh[0]}x{size_wh[1]} takes 1 + {gw}x{gh} crops (or 1, untiled), but its "
+                             f"pixels hold {pixels.shape[0]}; pass the processor's output with its image_sizes")
         return onevision_num_tokens(size_wh, config.image_grid_pinpoints, v.image_size, side, config.anyres_max_crops,
                                     tiled=pixels.shape[0] > 1)
     from pmod.multimodal.anyres import anyres_num_tokens
