@@ -22,7 +22,8 @@ CONFIG_NAME = "config.json"
 MODEL_TYPE = "pmod"
 ROUTER_NORMS = ("tanh", "sigmoid", "softmax", "none")
 PROJECTORS = ("mlp2x_gelu", "linear", "none")  # none: the tower projects itself (Qwen2.5-VL's patch merger)
-VISION_BACKENDS = ("clip", "siglip", "timm", "qwen2_5_vl")
+VISION_BACKENDS = ("clip", "siglip", "timm", "qwen2_5_vl", "qwen3_vl")
+NATIVE_BACKENDS = ("qwen2_5_vl", "qwen3_vl")  # towers that take native-resolution patches and end in the decoder's width
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -88,6 +89,8 @@ class TextConfig:
     eos_token_id: int | list[int] | None = 2
     pad_token_id: int | None = 0
     mrope_section: list[int] | None = None  # Qwen2-VL's M-RoPE: rotary pairs driven by the (t, h, w) positions
+    mrope_interleaved: bool = False  # Qwen3-VL: the pairs' axes interleaved (t, h, w, t, h, w, ...), not in blocks
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head's query and key before RoPE
 
     def __post_init__(self) -> None:
         # types and ranges first, so that no arithmetic below meets a string, a zero or a negative size
@@ -99,7 +102,7 @@ class TextConfig:
         _check(self.eos_token_id is None or all(_is_int(e) for e in eos),
                f"TextConfig: eos_token_id must be a token id or a list of them, got {self.eos_token_id!r}")
         _check_reals("TextConfig", self, ("rms_norm_eps", "rope_theta"), positive=True)
-        for name in ("qkv_bias", "o_bias", "mlp_bias", "tie_word_embeddings"):
+        for name in ("qkv_bias", "o_bias", "mlp_bias", "tie_word_embeddings", "mrope_interleaved", "qk_norm"):
             _check(isinstance(getattr(self, name), bool), f"TextConfig: {name} must be true or false, got {getattr(self, name)!r}")
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
@@ -167,7 +170,7 @@ class VisionConfig:
         _check(_is_int(self.select_layer), f"VisionConfig: select_layer must be an integer, got {self.select_layer!r}")
         if self.backend == "timm":
             _check(bool(self.timm_model), "VisionConfig: backend='timm' needs timm_model")
-        elif self.backend == "qwen2_5_vl":  # Qwen2_5_VLVisionConfig fields; transformers validates the rest
+        elif self.backend in NATIVE_BACKENDS:  # Qwen2_5_VL / Qwen3VL VisionConfig fields; transformers validates the rest
             _check(isinstance(self.clip, dict), f"VisionConfig: clip must be a mapping of tower config fields, got {self.clip!r}")
             for name in ("hidden_size", "out_hidden_size", "depth", "num_heads", "patch_size", "spatial_merge_size",
                          "temporal_patch_size", "in_channels"):
@@ -198,7 +201,7 @@ class VisionConfig:
 
     @property
     def hidden_size(self) -> int:
-        if self.backend == "qwen2_5_vl":  # what the tower hands the decoder (after its merger)
+        if self.backend in NATIVE_BACKENDS:  # what the tower hands the decoder (after its merger)
             return int(self.clip["out_hidden_size"])
         if self.backend != "timm":
             return int(self.clip.get("hidden_size", 768))  # CLIPVisionConfig / SiglipVisionConfig defaults
@@ -321,7 +324,7 @@ class PmodConfig:
         )
         if self.image_aspect_ratio == "anyres":
             _check(bool(self.image_grid_pinpoints), "PmodConfig: image_aspect_ratio='anyres' needs image_grid_pinpoints")
-        native = self.vision.backend == "qwen2_5_vl"
+        native = self.vision.backend in NATIVE_BACKENDS
         _check(native == (self.image_aspect_ratio == "native") and native == (self.projector_type == "none"),
                f"PmodConfig: the qwen2_5_vl tower goes with image_aspect_ratio='native' and projector_type='none' (and only "
                f"it), got backend={self.vision.backend!r}, {self.image_aspect_ratio!r}, {self.projector_type!r}")

@@ -4,6 +4,8 @@
   both the pre-4.52 spelling (`language_model.model.*`, `vision_tower.vision_model.*`) and transformers 5's.
 - `qwen2_5_vl` (Qwen2.5-VL: its own ViT with window attention and patch merger, Qwen2 decoder with M-RoPE): the
   hub names (`visual.*`, `model.layers.*`) and transformers 5's (`model.visual.*`, `model.language_model.*`).
+- `qwen3_vl` (Qwen3-VL: Qwen3 decoder with q/k norm and interleaved M-RoPE, a ViT with DeepStack mergers): the same
+  key map.
 Field names follow transformers' configs; what pmod cannot reproduce exactly is refused with the field named.
 """
 from __future__ import annotations
@@ -15,7 +17,8 @@ from pmod.config import ModConfig, PmodConfig, VisionConfig
 from pmod.io.keymaps import LLAVA_HF, KeyMap
 from pmod.io.legacy import text_config_from_llama
 
-__all__ = ["ONEVISION_HF", "QWEN2_5_VL", "SIGLIP_FIELDS", "pmod_config_from_onevision_hf", "pmod_config_from_qwen2_5_vl"]
+__all__ = ["ONEVISION_HF", "QWEN2_5_VL", "SIGLIP_FIELDS", "pmod_config_from_onevision_hf", "pmod_config_from_qwen2_5_vl",
+           "pmod_config_from_qwen3_vl"]
 
 SIGLIP_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels",
                  "image_size", "patch_size", "hidden_act", "layer_norm_eps", "attention_dropout")
@@ -42,6 +45,9 @@ QWEN2_5_VL = KeyMap(
 QWEN_VISION_FIELDS = ("depth", "hidden_size", "intermediate_size", "num_heads", "in_channels", "patch_size",
                       "spatial_merge_size", "temporal_patch_size", "window_size", "fullatt_block_indexes", "out_hidden_size",
                       "hidden_act", "tokens_per_second", "rope_parameters")
+QWEN3_VISION_FIELDS = ("depth", "hidden_size", "intermediate_size", "num_heads", "in_channels", "patch_size",
+                       "spatial_merge_size", "temporal_patch_size", "out_hidden_size", "hidden_act", "num_position_embeddings",
+                       "deepstack_visual_indexes", "rope_parameters")
 CLIP_NORM = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))  # Qwen2-VL's processor
 
 
@@ -96,37 +102,50 @@ def pmod_config_from_onevision_hf(c: dict[str, Any], image_processor: dict[str, 
 def pmod_config_from_qwen2_5_vl(c: dict[str, Any], image_processor: dict[str, Any] | None = None) -> PmodConfig:
     """A dense PmodConfig from transformers' `qwen2_5_vl` config.json: the hub's flat text fields (transformers 4.x,
     `rope_scaling: {type: mrope, mrope_section}`) or transformers 5's nested `text_config` (`rope_parameters`)."""
+    return _qwen_vl_config(c, image_processor, "qwen2_5_vl")
+
+
+def pmod_config_from_qwen3_vl(c: dict[str, Any], image_processor: dict[str, Any] | None = None) -> PmodConfig:
+    """A dense PmodConfig from transformers' `qwen3_vl` config.json: Qwen3 decoder (q/k norm, no QKV bias), interleaved
+    M-RoPE, a ViT with DeepStack mergers (patch 16)."""
+    return _qwen_vl_config(c, image_processor, "qwen3_vl")
+
+
+def _qwen_vl_config(c: dict[str, Any], pre: dict[str, Any] | None, kind: str) -> PmodConfig:
+    qwen3 = kind == "qwen3_vl"
     tc = dict(c.get("text_config") or {k: v for k, v in c.items() if k != "vision_config"})
     if tc.get("use_sliding_window"):
-        raise ValueError("qwen2_5_vl use_sliding_window=true is unsupported (pmod attends to the full context)")
-    rope = dict(tc.get("rope_parameters") or {})
-    scaling = dict(tc.get("rope_scaling") or {})
-    section = rope.get("mrope_section", scaling.get("mrope_section"))
+        raise ValueError(f"{kind} use_sliding_window=true is unsupported (pmod attends to the full context)")
+    rope = {**(tc.get("rope_scaling") or {}), **(tc.get("rope_parameters") or {})}
+    section = rope.get("mrope_section")
     if section is None:
-        raise ValueError("qwen2_5_vl config has no mrope_section (rope_parameters or rope_scaling)")
-    kind = rope.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
-    if kind not in ("default", "mrope"):
-        raise ValueError(f"qwen2_5_vl rope type {kind!r} unsupported; pmod implements the default M-RoPE")
+        raise ValueError(f"{kind} config has no mrope_section (rope_parameters or rope_scaling)")
+    rtype = rope.get("rope_type", rope.get("type", "default"))
+    if rtype not in ("default", "mrope"):
+        raise ValueError(f"{kind} rope type {rtype!r} unsupported; pmod implements the default M-RoPE")
+    if bool(rope.get("mrope_interleaved", False)) != qwen3:
+        raise ValueError(f"{kind}: mrope_interleaved={rope.get('mrope_interleaved')!r} is not what {kind} uses")
     theta = rope.get("rope_theta", tc.get("rope_theta", 1000000.0))
     tie = bool(c.get("tie_word_embeddings", tc.get("tie_word_embeddings", False)))
     text = text_config_from_llama({**{k: v for k, v in tc.items() if k not in ("rope_scaling", "rope_parameters")},
-                                   "model_type": "qwen2", "rope_theta": theta, "tie_word_embeddings": tie})
-    text = dataclasses.replace(text, mrope_section=[int(v) for v in section])  # validated against head_dim
+                                   "model_type": "qwen3" if qwen3 else "qwen2", "rope_theta": theta, "tie_word_embeddings": tie})
+    text = dataclasses.replace(text, mrope_section=[int(v) for v in section], mrope_interleaved=qwen3, qk_norm=qwen3)
     vc = dict(c.get("vision_config") or {})
     if "in_chans" in vc and "in_channels" not in vc:  # the hub's older spelling
         vc["in_channels"] = vc["in_chans"]
-    tower = {k: vc[k] for k in QWEN_VISION_FIELDS if k in vc}
+    tower = {k: vc[k] for k in (QWEN3_VISION_FIELDS if qwen3 else QWEN_VISION_FIELDS) if k in vc}
     tower.setdefault("out_hidden_size", text.hidden_size)
     if tower["out_hidden_size"] != text.hidden_size:
-        raise ValueError(f"qwen2_5_vl vision_config.out_hidden_size={tower['out_hidden_size']} differs from the decoder's "
+        raise ValueError(f"{kind} vision_config.out_hidden_size={tower['out_hidden_size']} differs from the decoder's "
                          f"hidden_size={text.hidden_size}")
-    pre = image_processor or {}
+    pre = pre or {}
     size = pre.get("size") or {}
-    mean, std = CLIP_NORM
-    vision = VisionConfig(backend="qwen2_5_vl", name=c.get("_name_or_path") or None, clip=tower, select_layer=-1,
+    mean, std = (SIGLIP_NORM, SIGLIP_NORM) if qwen3 else CLIP_NORM  # Qwen3-VL's processor normalises with 0.5
+    factor = tower.get("patch_size", 16 if qwen3 else 14) * tower.get("spatial_merge_size", 2)
+    vision = VisionConfig(backend=kind, name=c.get("_name_or_path") or None, clip=tower, select_layer=-1,
                           image_mean=tuple(pre.get("image_mean", mean)), image_std=tuple(pre.get("image_std", std)),
-                          min_pixels=int(pre.get("min_pixels", size.get("shortest_edge", 56 * 56))),
-                          max_pixels=int(pre.get("max_pixels", size.get("longest_edge", 28 * 28 * 1280))))
+                          min_pixels=int(pre.get("min_pixels", size.get("shortest_edge", 4 * factor * factor))),
+                          max_pixels=int(pre.get("max_pixels", size.get("longest_edge", 1280 * factor * factor))))
     return PmodConfig(text=text, vision=vision, mod=ModConfig(schedule="none"), projector_type="none",
                       image_aspect_ratio="native", model_max_length=text.max_position_embeddings, padding_side="left",
-                      conv_template="qwen2_vl")
+                      conv_template="qwen3_vl" if qwen3 else "qwen2_vl")

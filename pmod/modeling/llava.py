@@ -194,7 +194,11 @@ class PmodForConditionalGeneration(nn.Module):
         emb = self.language_model.embed_tokens(ids)  # [Nt, C]
         x = emb.new_zeros(layout.num_tokens, emb.shape[-1]).index_copy(0, layout.text_dest, emb)
         if counts:
-            feats = self.encode_images(images, image_sizes).to(device=x.device, dtype=x.dtype)
+            feats = self.encode_images(images, image_sizes)
+            if isinstance(feats, tuple):  # Qwen3-VL: (features, DeepStack features added after the first layers)
+                feats, deep = feats
+                layout.inject = {i: d.to(device=x.device, dtype=x.dtype) for i, d in enumerate(deep)}
+            feats = feats.to(device=x.device, dtype=x.dtype)
             if feats.shape[0] != layout.vision_dest.shape[0]:
                 raise RuntimeError(f"vision tower gave {feats.shape[0]} feature tokens, expected {layout.vision_dest.shape[0]}")
             x = x.index_copy(0, layout.vision_dest, feats)

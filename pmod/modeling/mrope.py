@@ -54,11 +54,19 @@ def mrope_positions(ids: np.ndarray, mask: np.ndarray, grids: list[tuple[int, in
     return np.concatenate(rows, axis=1).astype(np.int64), nxt
 
 
-def mrope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, section: list[int], dtype: torch.dtype
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """position_ids [3, N] -> cos, sin [N, D] in `dtype` (float32 arithmetic, as transformers)."""
+def mrope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, section: list[int], dtype: torch.dtype,
+                  interleaved: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """position_ids [3, N] -> cos, sin [N, D] in `dtype` (float32 arithmetic, as transformers).
+    Blocks (Qwen2-VL): pairs [0, s_t) follow t, the next s_h follow h, the last s_w follow w. Interleaved
+    (Qwen3-VL): pair j follows h if j % 3 == 1 and j < 3 s_h, w if j % 3 == 2 and j < 3 s_w, else t."""
     freqs = position_ids.float()[..., None] * inv_freq.to(position_ids.device)  # [3, N, D/2]
-    freqs = torch.cat([part[i % 3] for i, part in enumerate(freqs.split(section, dim=-1))], dim=-1)  # [N, D/2]
+    if interleaved:
+        f = freqs[0].clone()  # [N, D/2]
+        for axis in (1, 2):
+            f[..., axis : 3 * section[axis] : 3] = freqs[axis][..., axis : 3 * section[axis] : 3]
+        freqs = f
+    else:
+        freqs = torch.cat([part[i % 3] for i, part in enumerate(freqs.split(section, dim=-1))], dim=-1)  # [N, D/2]
     emb = torch.cat((freqs, freqs), dim=-1)  # [N, D]
     return emb.cos().to(dtype), emb.sin().to(dtype)
 

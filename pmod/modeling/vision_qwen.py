@@ -13,7 +13,7 @@ from torch import nn
 
 from pmod.config import VisionConfig
 
-__all__ = ["Qwen25VLTower", "merged_grid", "check_qwen_pixels"]
+__all__ = ["Qwen25VLTower", "Qwen3VLTower", "merged_grid", "check_qwen_pixels"]
 
 
 def merged_grid(pixels: torch.Tensor) -> tuple[int, int, int]:
@@ -42,6 +42,29 @@ class Qwen25VLTower(nn.Module):
         pixels = torch.cat([x.reshape(-1, x.shape[-1]) for x in images])  # [Np, Dp]
         dev = self.model.patch_embed.proj.weight.device
         return self.model(pixels.to(device=dev, dtype=self.dtype), grid_thw=grid.to(dev)).pooler_output  # [Nv, C]
+
+
+class Qwen3VLTower(Qwen25VLTower):
+    """Qwen3-VL's vision transformer (learned, interpolated position embeddings; no windows). It also returns the
+    DeepStack features: one [Nv, C] map per `deepstack_visual_indexes` block, added to the vision tokens after
+    decoder layers 0, 1, ... (transformers' `_deepstack_process`)."""
+
+    def __init__(self, cfg: VisionConfig):
+        nn.Module.__init__(self)
+        from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLVisionConfig
+        from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
+
+        self.cfg = cfg
+        self.model = Qwen3VLVisionModel(Qwen3VLVisionConfig(**cfg.clip))
+        self.merge = int(cfg.clip.get("spatial_merge_size", 2))
+
+    def forward(self, images: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        m = self.merge
+        grid = torch.tensor([[g[0], g[1] * m, g[2] * m] for g in map(merged_grid, images)], dtype=torch.long)  # [n, 3]
+        pixels = torch.cat([x.reshape(-1, x.shape[-1]) for x in images])  # [Np, Dp]
+        dev = self.model.patch_embed.proj.weight.device
+        out = self.model(pixels.to(device=dev, dtype=self.dtype), grid_thw=grid.to(dev))
+        return out.pooler_output, list(out.deepstack_features)  # [Nv, C], n_deep x [Nv, C]
 
 
 def check_qwen_pixels(images, cfg: VisionConfig) -> None:

@@ -61,6 +61,11 @@ TEMPLATES["qwen2_vl"] = Template(
     "<|im_start|>user\n", "<|im_end|>\n", "<|im_start|>assistant\n", "<|im_end|>\n",
     image_format="<|vision_start|>" + IMAGE_PLACEHOLDER + "<|vision_end|>",
 )
+# Qwen3-VL: the same turns, no default system prompt
+TEMPLATES["qwen3_vl"] = Template(
+    "qwen3_vl", "", "<|im_start|>system\n{system}<|im_end|>\n", "<|im_start|>user\n", "<|im_end|>\n",
+    "<|im_start|>assistant\n", "<|im_end|>\n", image_format="<|vision_start|>" + IMAGE_PLACEHOLDER + "<|vision_end|>",
+)
 
 
 def get_template(name: str | Template) -> Template:
