@@ -144,3 +144,29 @@ def test_pmod_conversion_exact_at_unit_ratios_and_routes_with_deepstack(pair):
     with torch.no_grad():
         ref = routed(input_ids=torch.cat([ids, new], 1), images=img).logits[0]
     assert torch.equal(ref[-6:-1].argmax(-1), new[0])
+
+
+def test_processor_matches_transformers(tmp_path):
+    """Qwen2-VL's image pipeline at Qwen3-VL's settings (patch 16, 0.5 normalisation), against Qwen3VLProcessor."""
+    from PIL import Image
+    from test_qwen2_5_vl_processor import collapse, qwen_tokenizer
+    from transformers import Qwen3VLProcessor, Qwen3VLVideoProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    tiny_qwen3_hf(tmp_path)
+    ip = Qwen2VLImageProcessorPil(patch_size=16, image_mean=[0.5] * 3, image_std=[0.5] * 3, min_pixels=32 * 32 * 4,
+                                  max_pixels=32 * 32 * 30)
+    ip.save_pretrained(tmp_path)
+    tok = qwen_tokenizer()
+    theirs = Qwen3VLProcessor(image_processor=ip, tokenizer=tok, video_processor=Qwen3VLVideoProcessor())
+    ours = pmod.PmodProcessor(tok, pmod.load_config(tmp_path))
+    assert ours.config.vision.image_mean == (0.5, 0.5, 0.5) and ours.config.vision.max_pixels == 32 * 32 * 30
+    for w, h in [(97, 45), (500, 333), (20, 30)]:
+        img = Image.fromarray(np.random.default_rng(w).integers(0, 256, (h, w, 3), dtype=np.uint8))
+        q = "<|im_start|>user\n<|vision_start|>{}<|vision_end|>what is in this image ?<|im_end|>\n<|im_start|>assistant\n"
+        ref = theirs(text=q.format("<|image_pad|>"), images=[img], return_tensors="pt")
+        got = ours(q.format("<image>"), [img], chat=False)
+        (t, gh, gw), = ref["image_grid_thw"].tolist()
+        assert [tuple(x.shape[:3]) for x in got["images"]] == [(1, gh // 2, gw // 2)]
+        assert got["input_ids"][0].tolist() == collapse(ref["input_ids"][0].tolist(), [gh * gw // 4])
+        assert torch.equal(got["images"][0].reshape(-1, DP), ref["pixel_values"])

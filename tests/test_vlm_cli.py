@@ -10,12 +10,14 @@ from test_onevision import tiny_onevision_hf
 from test_onevision_processor import chat_tokenizer
 from test_qwen2_5_vl import tiny_qwen_hf
 from test_qwen2_5_vl_processor import qwen_tokenizer
+from test_qwen3_vl import tiny_qwen3_hf
 
 import pmod
 from pmod.cli import main
 from pmod.synthetic import write_split
 
-FAMILIES = {"onevision": (tiny_onevision_hf, chat_tokenizer), "qwen2_5_vl": (tiny_qwen_hf, qwen_tokenizer)}
+FAMILIES = {"onevision": (tiny_onevision_hf, chat_tokenizer), "qwen2_5_vl": (tiny_qwen_hf, qwen_tokenizer),
+            "qwen3_vl": (tiny_qwen3_hf, qwen_tokenizer)}
 
 
 @pytest.fixture(scope="module")
@@ -50,12 +52,13 @@ def test_generate_on_a_dense_checkpoint(checkpoints, family, capsys):
     assert "vision tokens" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("family, strategy", [("onevision", "full"), ("qwen2_5_vl", "lora")])
+@pytest.mark.parametrize("family, strategy", [("onevision", "full"), ("qwen2_5_vl", "lora"), ("qwen3_vl", "full")])
 def test_train_converts_to_pmod_and_the_result_loads_and_generates(checkpoints, family, strategy, capsys):
     out = train(checkpoints, family, strategy)
     model = pmod.from_pretrained(out)
-    assert not model.config.is_dense and model.config.text.qkv_bias  # the paper's schedule over the tiny depth
-    assert model.config.vision.backend == {"onevision": "siglip", "qwen2_5_vl": "qwen2_5_vl"}[family]
+    assert not model.config.is_dense  # the paper's schedule over the tiny depth
+    assert model.config.text.qkv_bias == (family != "qwen3_vl")
+    assert model.config.vision.backend == {"onevision": "siglip", "qwen2_5_vl": "qwen2_5_vl", "qwen3_vl": "qwen3_vl"}[family]
     log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines() if x.strip()]
     assert any("loss" in r for r in log)
     capsys.readouterr()
