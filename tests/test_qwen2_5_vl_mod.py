@@ -30,39 +30,42 @@ def routed(folder, ratios=RATIOS, seed=0):
     return model
 
 
+def check_last_layer_against_transformers(hf, ours, kw, img_token=150):
+    """Reference built from transformers' modules: layers 0..L-2 as they are, then the last layer (MoD at ratio 0.4)
+    run on text + the top-k vision tokens at their get_rope_index (t, h, w) positions, merged by STRing."""
+    lm = hf.model.language_model
+    last = len(lm.layers) - 1
+    h = hf.model(**kw, output_hidden_states=True).hidden_states[last][0]  # [N, C], the input of the last layer
+    pos, _ = hf.model.get_rope_index(kw["input_ids"], kw["mm_token_type_ids"], image_grid_thw=kw["image_grid_thw"])
+    vision = (kw["input_ids"][0] == img_token).nonzero().flatten()
+    router = ours.language_model.routers[str(last)]
+    w = 0.2 * torch.tanh(h @ router.weight[0] + router.bias[0]) + 1  # TanhNorm, [N]
+    k = int(torch.tensor(len(vision), dtype=torch.int32) * 0.4)
+    keep = torch.ones(len(h), dtype=torch.bool)
+    keep[vision] = False
+    keep[vision[w[vision].topk(k).indices]] = True
+    idx = keep.nonzero().flatten()  # [Nk], sequence order
+    cos, sin = lm.rotary_emb(h[None], pos[:, :, idx])
+    causal = torch.full((len(idx), len(idx)), float("-inf")).triu(1)[None, None]
+    layer = lm.layers[last]
+    hk = h[idx][None]
+    h_mid = hk + layer.self_attn(layer.input_layernorm(hk), attention_mask=causal, position_embeddings=(cos, sin))[0]
+    m = layer.mlp(layer.post_attention_layernorm(h_mid))[0]
+    is_vis = torch.zeros(len(h), dtype=torch.bool)
+    is_vis[vision] = True
+    out = w[:, None] * h  # skipped vision tokens: w * h
+    out[idx] = h_mid[0] + torch.where(is_vis[idx, None], w[idx, None], 1.0) * m  # kept: h_mid + w*m; text: h_mid + m
+    return hf.lm_head(lm.norm(out))
+
+
 def test_last_layer_mod_equals_transformers_layer_on_the_kept_tokens(pair):
-    """Reference built from transformers' modules: layers 0-2 as they are, then layer 3 run on text + the top-k
-    vision tokens at their get_rope_index (t, h, w) positions, merged by STRing."""
     hf, folder = pair
     ours = routed(folder, ratios={3: 0.4})
     img = pixels(3, 5)
     ids, _, _ = make_batch([(4, 1, 5)], vocab=140)
-    kw = hf_inputs(ids, [img])
-    lm = hf.model.language_model
     with torch.no_grad():
         got = ours(input_ids=ids, images=[img]).logits[0]
-        h = hf.model(**kw, output_hidden_states=True).hidden_states[3][0]  # [N, C], the input of layer 3
-        pos, _ = hf.model.get_rope_index(kw["input_ids"], kw["mm_token_type_ids"], image_grid_thw=kw["image_grid_thw"])
-        vision = (kw["input_ids"][0] == 150).nonzero().flatten()
-        router = ours.language_model.routers["3"]
-        w = 0.2 * torch.tanh(h @ router.weight[0] + router.bias[0]) + 1  # TanhNorm, [N]
-        k = int(torch.tensor(len(vision), dtype=torch.int32) * 0.4)
-        kept_v = vision[w[vision].topk(k).indices].sort().values
-        keep = torch.ones(len(h), dtype=torch.bool)
-        keep[vision] = False
-        keep[kept_v] = True
-        idx = keep.nonzero().flatten()  # [Nk], sequence order
-        cos, sin = lm.rotary_emb(h[None], pos[:, :, idx])
-        causal = torch.full((len(idx), len(idx)), float("-inf")).triu(1)[None, None]
-        layer = lm.layers[3]
-        hk = h[idx][None]
-        h_mid = hk + layer.self_attn(layer.input_layernorm(hk), attention_mask=causal, position_embeddings=(cos, sin))[0]
-        m = layer.mlp(layer.post_attention_layernorm(h_mid))[0]
-        is_vis = torch.zeros(len(h), dtype=torch.bool)
-        is_vis[vision] = True
-        out = w[:, None] * h  # skipped vision tokens: w * h
-        out[idx] = h_mid[0] + torch.where(is_vis[idx, None], w[idx, None], 1.0) * m  # kept: h_mid + w*m; text: h_mid + m
-        ref = hf.lm_head(lm.norm(out))
+        ref = check_last_layer_against_transformers(hf, ours, hf_inputs(ids, [img]))
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
 

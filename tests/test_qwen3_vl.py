@@ -170,3 +170,20 @@ def test_processor_matches_transformers(tmp_path):
         assert [tuple(x.shape[:3]) for x in got["images"]] == [(1, gh // 2, gw // 2)]
         assert got["input_ids"][0].tolist() == collapse(ref["input_ids"][0].tolist(), [gh * gw // 4])
         assert torch.equal(got["images"][0].reshape(-1, DP), ref["pixel_values"])
+
+
+def test_last_layer_mod_equals_transformers_layer_on_the_kept_tokens(pair):
+    """Kept vision tokens keep their interleaved 3-D positions (q/k norm, DeepStack before: the full reference)."""
+    from test_qwen2_5_vl_mod import check_last_layer_against_transformers
+
+    hf, _, folder = pair
+    ours = pmod.from_pretrained(folder, dtype=torch.float32, mod=ModConfig(layer_ratios={3: 0.4}))
+    with torch.no_grad():
+        ours.language_model.routers["3"].weight.normal_(0, 0.5)
+        ours.language_model.routers["3"].bias.fill_(0.1)
+    img = pixels(3, 5)
+    ids, _, _ = make_batch([(4, 1, 5)], vocab=140)
+    with torch.no_grad():
+        got = ours(input_ids=ids, images=[img]).logits[0]
+        ref = check_last_layer_against_transformers(hf, ours, hf_inputs(ids, [img]))
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
