@@ -187,3 +187,18 @@ def test_last_layer_mod_equals_transformers_layer_on_the_kept_tokens(pair):
         got = ours(input_ids=ids, images=[img]).logits[0]
         ref = check_last_layer_against_transformers(hf, ours, hf_inputs(ids, [img]))
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_save_pretrained_round_trip(pair, tmp_path):
+    _, _, folder = pair
+    model = pmod.from_pretrained(folder, dtype=torch.float32, mod=ModConfig(layer_ratios={2: 0.5, 3: 0.3}))
+    with torch.no_grad():
+        for r in model.language_model.routers.values():
+            r.weight.normal_(0, 0.5)
+    model.save_pretrained(tmp_path)
+    again = pmod.from_pretrained(tmp_path, dtype=torch.float32)
+    assert again.config == model.config
+    img = [pixels(4, 3)]
+    ids, _, _ = make_batch([(4, 1, 5)], vocab=140)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, images=img).logits, again(input_ids=ids, images=img).logits)
