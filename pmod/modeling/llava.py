@@ -225,6 +225,7 @@ class PmodForConditionalGeneration(nn.Module):
                               heads_first=backend.heads_first_cache)
         with backend.scope(x.device):
             h, routing = self.language_model(x, layout, AttnContext(backend, layout.varlen, cache), record=output_routing)
+        layout.inject = None  # DeepStack features are consumed (autograd keeps what it needs): not kept alive by the output
         if cache is not None:
             start = layout.next_positions if layout.next_positions is not None else layout.varlen.lens
             cache.positions = torch.tensor(start, dtype=torch.long).to(h.device, non_blocking=True)
