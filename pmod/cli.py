@@ -285,6 +285,8 @@ def cmd_flops(args) -> int:
     from pmod.flops import count_flops, format_table, image_tokens, kv_cache_bytes
 
     cfg = pmod.load_config(args.model)
+    if args.as_pmod:  # a dense checkpoint as `mod=pmod.ModConfig()` would convert it
+        cfg = cfg.replace(mod=pmod.ModConfig())
     if args.include_vision and args.convention != "complete":
         raise ValueError("--include-vision counts the vision tower and projector, which only the 'complete' "
                          "convention has: add --convention complete")
@@ -299,7 +301,13 @@ def cmd_flops(args) -> int:
     elif anyres:
         size = args.image_size or max(cfg.image_grid_pinpoints, key=lambda wh: wh[0] * wh[1])
         where = (f"{args.images} image(s) of {size[0]}x{size[1]} px, anyres: the base image + "
-                 f"{tower_images // max(args.images, 1) - 1} crops of {v.image_size} px each, {cfg.mm_patch_merge_type}")
+                 f"{tower_images // max(args.images, 1) - 1} crops of {v.image_size} px each, {cfg.mm_patch_merge_type}"
+                 + (f", shrunk to ~{cfg.anyres_max_crops} crops (anyres_max)" if cfg.anyres_max_crops else ""))
+    elif cfg.image_aspect_ratio == "native":
+        from pmod.flops import NATIVE_DEFAULT_SIZE
+
+        size = args.image_size or NATIVE_DEFAULT_SIZE
+        where = f"{args.images} image(s) of {size[0]}x{size[1]} px, native resolution (smart_resize, 2x2 merged patches)"
     else:
         where = f"{args.images} image(s), {cfg.image_aspect_ratio}: ({v.image_size}/{v.patch_size})² patches each"
     context = max(cfg.text.max_position_embeddings, cfg.model_max_length)
@@ -362,9 +370,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="checkpoint folder or hub id (only config.json is read)")
     p.add_argument("--images", type=int, default=1, help="images in the prompt (default 1)")
     p.add_argument("--image-size", type=_size, metavar="WxH",
-                   help="anyres models: the image's size (default: the largest grid pinpoint, 672x672 at LLaVA-NeXT)")
+                   help="anyres models: the image's size (default: the largest grid pinpoint, 672x672 at LLaVA-NeXT); "
+                        "native (Qwen2.5-VL): default 672x672")
     p.add_argument("--n-vision", type=int, help="vision tokens, overriding what --images / --image-size give")
     p.add_argument("--n-text", type=int, default=58, help="text tokens (default 58, the paper's)")
+    p.add_argument("--as-pmod", action="store_true",
+                   help="count the model as converted to p-MoD with the default schedule (mod=pmod.ModConfig()), "
+                        "e.g. a dense LLaVA-OneVision or Qwen2.5-VL checkpoint")
     p.add_argument("--convention", default="paper", choices=["paper", "complete"],
                    help="paper: LLM linears + lm_head, as the paper's TFLOPs; complete: every matmul, attention "
                         "scores and routers included")
@@ -375,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="element type of the KV cache bytes (default float16)")
     p.set_defaults(fn=cmd_flops)
 
-    for name, module in (("train", "pmod.training.cli"), ("eval", "pmod.evaluation.cli"), ("bench", "pmod.bench"), ("demo", "pmod.tools.demo"), ("compare-strategies", "pmod.tools.compare")):
+    for name, module in (("train", "pmod.training.cli"), ("eval", "pmod.evaluation.cli"), ("bench", "pmod.bench"), ("demo", "pmod.tools.demo"), ("compare-strategies", "pmod.tools.compare"), ("serve", "pmod.serve.cli")):
         try:
             mod = __import__(module, fromlist=["add_parser"])
         except ModuleNotFoundError as e:

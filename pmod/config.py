@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pmod.config_checks import _check, _check_ints, _check_reals, _is_int, from_fields
-from pmod.config_parts import TextConfig, VisionConfig
+from pmod.config_parts import NATIVE_BACKENDS, TextConfig, VisionConfig
 from pmod.schedule import SCHEDULES, prd_schedule
 
 __all__ = ["TextConfig", "VisionConfig", "ModConfig", "PmodConfig", "CONFIG_NAME", "MODEL_TYPE"]
@@ -23,7 +23,7 @@ __all__ = ["TextConfig", "VisionConfig", "ModConfig", "PmodConfig", "CONFIG_NAME
 CONFIG_NAME = "config.json"
 MODEL_TYPE = "pmod"
 ROUTER_NORMS = ("tanh", "sigmoid", "softmax", "none")
-PROJECTORS = ("mlp2x_gelu", "linear")
+PROJECTORS = ("mlp2x_gelu", "linear", "none")  # none: the tower projects itself (Qwen2.5-VL's patch merger)
 
 
 @dataclass
@@ -91,6 +91,7 @@ class PmodConfig:
     image_aspect_ratio: str = "pad"  # "pad" (LLaVA-1.5), "anyres" (LLaVA-NeXT), "square"
     mm_patch_merge_type: str = "flat"  # "flat" or "spatial_unpad" (adds image_newline)
     image_grid_pinpoints: list[list[int]] | None = None
+    anyres_max_crops: int | None = None  # LLaVA-OneVision's anyres_max_N: shrink the unpadded map to ~N crops
     model_max_length: int = 2048
     padding_side: str = "right"
     conv_template: str = "vicuna_v1"
@@ -108,8 +109,8 @@ class PmodConfig:
                                                          f"got {type(getattr(self, name)).__name__}")
         _check(self.projector_type in PROJECTORS, f"PmodConfig: projector_type={self.projector_type!r}; expected one of {PROJECTORS}")
         _check(
-            self.image_aspect_ratio in ("pad", "anyres", "square"),
-            f"PmodConfig: image_aspect_ratio={self.image_aspect_ratio!r}; expected 'pad', 'anyres' or 'square'",
+            self.image_aspect_ratio in ("pad", "anyres", "square", "native"),
+            f"PmodConfig: image_aspect_ratio={self.image_aspect_ratio!r}; expected 'pad', 'anyres', 'square' or 'native'",
         )
         _check(
             self.mm_patch_merge_type in ("flat", "spatial_unpad", "spatial"),
@@ -117,6 +118,16 @@ class PmodConfig:
         )
         if self.image_aspect_ratio == "anyres":
             _check(bool(self.image_grid_pinpoints), "PmodConfig: image_aspect_ratio='anyres' needs image_grid_pinpoints")
+        native = self.vision.backend in NATIVE_BACKENDS
+        _check(native == (self.image_aspect_ratio == "native") and native == (self.projector_type == "none"),
+               f"PmodConfig: the qwen2_5_vl tower goes with image_aspect_ratio='native' and projector_type='none' (and only "
+               f"it), got backend={self.vision.backend!r}, {self.image_aspect_ratio!r}, {self.projector_type!r}")
+        if self.anyres_max_crops is not None:
+            _check(_is_int(self.anyres_max_crops) and self.anyres_max_crops >= 1,
+                   f"PmodConfig: anyres_max_crops must be a positive integer or null, got {self.anyres_max_crops!r}")
+            _check(self.uses_image_newline, "PmodConfig: anyres_max_crops (LLaVA-OneVision) needs image_aspect_ratio='anyres' "
+                                            f"and mm_patch_merge_type='spatial_unpad', got {self.image_aspect_ratio!r}, "
+                                            f"{self.mm_patch_merge_type!r}")
         _check(self.padding_side in ("left", "right"), f"PmodConfig: padding_side={self.padding_side!r}")
         _check_ints("PmodConfig", self, ("model_max_length",))
         if self.image_grid_pinpoints is not None:

@@ -6,9 +6,10 @@ from dataclasses import dataclass, field
 
 from pmod.config_checks import _check, _check_ints, _check_reals, _is_int, _is_real
 
-__all__ = ["TextConfig", "VisionConfig", "VISION_BACKENDS"]
+__all__ = ["TextConfig", "VisionConfig", "VISION_BACKENDS", "NATIVE_BACKENDS"]
 
-VISION_BACKENDS = ("clip", "siglip", "timm")
+VISION_BACKENDS = ("clip", "siglip", "timm", "qwen2_5_vl", "qwen3_vl")
+NATIVE_BACKENDS = ("qwen2_5_vl", "qwen3_vl")  # towers that take native-resolution patches and end in the decoder's width
 
 
 @dataclass
@@ -34,6 +35,9 @@ class TextConfig:
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
     pad_token_id: int | None = 0
+    mrope_section: list[int] | None = None  # Qwen2-VL's M-RoPE: rotary pairs driven by the (t, h, w) positions
+    mrope_interleaved: bool = False  # Qwen3-VL: the pairs' axes interleaved (t, h, w, t, h, w, ...), not in blocks
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head's query and key before RoPE
 
     def __post_init__(self) -> None:
         # types and ranges first, so that no arithmetic below meets a string, a zero or a negative size
@@ -45,7 +49,7 @@ class TextConfig:
         _check(self.eos_token_id is None or all(_is_int(e) for e in eos),
                f"TextConfig: eos_token_id must be a token id or a list of them, got {self.eos_token_id!r}")
         _check_reals("TextConfig", self, ("rms_norm_eps", "rope_theta"), positive=True)
-        for name in ("qkv_bias", "o_bias", "mlp_bias", "tie_word_embeddings"):
+        for name in ("qkv_bias", "o_bias", "mlp_bias", "tie_word_embeddings", "mrope_interleaved", "qk_norm"):
             _check(isinstance(getattr(self, name), bool), f"TextConfig: {name} must be true or false, got {getattr(self, name)!r}")
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
@@ -62,6 +66,12 @@ class TextConfig:
             f"num_key_value_heads={self.num_key_value_heads}",
         )
         _check(self.hidden_act == "silu", f"TextConfig: hidden_act={self.hidden_act!r} unsupported (SwiGLU needs 'silu')")
+        if self.mrope_section is not None:
+            sec = self.mrope_section
+            _check(isinstance(sec, (list, tuple)) and len(sec) == 3 and all(_is_int(v) and v >= 0 for v in sec)
+                   and sum(sec) == self.head_dim // 2,
+                   f"TextConfig: mrope_section={sec!r} must be 3 non-negative integers summing to head_dim // 2 = {self.head_dim // 2}")
+            self.mrope_section = [int(v) for v in sec]
         if self.rope_scaling is not None:
             _check(isinstance(self.rope_scaling, dict), f"TextConfig: rope_scaling must be a mapping or null, got {self.rope_scaling!r}")
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
@@ -94,6 +104,8 @@ class VisionConfig:
     select_feature: str = "patch"  # "patch" drops CLS, "cls_patch" keeps it
     image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
     image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+    min_pixels: int | None = None  # qwen2_5_vl: the processor's dynamic-resolution bounds (smart_resize)
+    max_pixels: int | None = None
 
     def __post_init__(self) -> None:
         _check(self.backend in VISION_BACKENDS, f"VisionConfig: backend={self.backend!r}; expected one of {VISION_BACKENDS}")
@@ -110,6 +122,15 @@ class VisionConfig:
             _check(_is_int(width) and width >= 1,
                    f"VisionConfig: backend='timm' needs the feature width as timm_width (or timm_kwargs['embed_dim']), "
                    f"got {width!r}; e.g. 192 for vit_tiny_patch16_224")
+        elif self.backend in NATIVE_BACKENDS:  # Qwen2_5_VL / Qwen3VL VisionConfig fields; transformers validates the rest
+            _check(isinstance(self.clip, dict), f"VisionConfig: clip must be a mapping of tower config fields, got {self.clip!r}")
+            for name in ("hidden_size", "out_hidden_size", "depth", "num_heads", "patch_size", "spatial_merge_size",
+                         "temporal_patch_size", "in_channels"):
+                v = self.clip.get(name, 1)
+                _check(_is_int(v) and v >= 1, f"VisionConfig: {name} must be a positive integer, got {v!r}")
+            _check_ints("VisionConfig", self, ("min_pixels", "max_pixels"), optional=True)
+            _check(self.min_pixels is None or self.max_pixels is None or self.min_pixels <= self.max_pixels,
+                   f"VisionConfig: min_pixels={self.min_pixels} exceeds max_pixels={self.max_pixels}")
         else:
             _check(isinstance(self.clip, dict), f"VisionConfig: clip must be a mapping of tower config fields, got {self.clip!r}")
             for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
@@ -132,6 +153,8 @@ class VisionConfig:
 
     @property
     def hidden_size(self) -> int:
+        if self.backend in NATIVE_BACKENDS:  # what the tower hands the decoder (after its merger)
+            return int(self.clip["out_hidden_size"])
         if self.backend != "timm":
             return int(self.clip.get("hidden_size", 768))  # CLIPVisionConfig / SiglipVisionConfig defaults
         return int(self.timm_kwargs.get("embed_dim", self.timm_width))

@@ -45,6 +45,9 @@ Counts = int | Sequence[int]
 _UNITS = (("TFLOPs", 1e12), ("GFLOPs", 1e9))
 
 
+NATIVE_DEFAULT_SIZE = (672, 672)  # Qwen2.5-VL has no grid to default to: the LLaVA-NeXT comparison size
+
+
 def flops_unit(x: float) -> tuple[str, float]:
     """(name, scale): TFLOPs from 1e12 on (7B shapes), GFLOPs below (a tiny model shows 0.81 GFLOPs, not 0.00)."""
     return next(((n, s) for n, s in _UNITS if abs(x) >= s), _UNITS[-1])
@@ -59,10 +62,19 @@ def format_flops(x: float, unit: str | None = None, digits: int = 2) -> str:
 def image_tokens(config: PmodConfig, image_size_wh: tuple[int, int] | None = None, images: int = 1) -> tuple[int, int]:
     """(vision tokens, S×S tower inputs) of `images` images as the model lays them out. pad / square: P = (S/p)²
     tokens and one tower input per image, whatever its size. anyres: the tokens of an image of `image_size_wh`
-    (default: the largest grid pinpoint, e.g. 672×672 -> 2928 at LLaVA-NeXT-7B) over 1 + grid crops."""
+    (default: the largest grid pinpoint, e.g. 672×672 -> 2928 at LLaVA-NeXT-7B) over 1 + grid crops; LLaVA-OneVision's
+    anyres_max_N shrinks that map (2304×2304 -> 7371 at 7B). native (Qwen2.5-VL): the merged patch grid of the image
+    resized by smart_resize (default 672×672 -> 576 tokens), one tower input per image."""
     if images < 0:
         raise ValueError(f"images must be >= 0, got {images}")
     v = config.vision
+    if config.image_aspect_ratio == "native":
+        from pmod.multimodal.qwen2_5_vl import qwen_num_tokens
+
+        c = v.clip
+        n = qwen_num_tokens(tuple(image_size_wh or NATIVE_DEFAULT_SIZE), c.get("patch_size", 14), c.get("spatial_merge_size", 2),
+                            v.min_pixels or 56 * 56, v.max_pixels or 28 * 28 * 1280)
+        return images * n, images
     if config.image_aspect_ratio != "anyres":
         return images * v.num_patches, images
     from pmod.multimodal.anyres import anyres_num_tokens, grid_shape
@@ -70,7 +82,12 @@ def image_tokens(config: PmodConfig, image_size_wh: tuple[int, int] | None = Non
     pins = config.image_grid_pinpoints
     size = tuple(image_size_wh) if image_size_wh else tuple(max(pins, key=lambda wh: wh[0] * wh[1]))
     gw, gh = grid_shape(size, pins, v.image_size)
-    n = anyres_num_tokens(size, pins, v.image_size, v.image_size // v.patch_size, config.mm_patch_merge_type)
+    if config.anyres_max_crops is not None:
+        from pmod.multimodal.onevision import onevision_num_tokens
+
+        n = onevision_num_tokens(size, pins, v.image_size, v.image_size // v.patch_size, config.anyres_max_crops)
+    else:
+        n = anyres_num_tokens(size, pins, v.image_size, v.image_size // v.patch_size, config.mm_patch_merge_type)
     return images * n, images * (1 + gw * gh)
 
 

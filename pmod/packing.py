@@ -103,6 +103,9 @@ class Layout:
     out_index: torch.Tensor  # [N] long, flat index into the [B, M] merged output
     left_padded: bool
     _plans: dict  # memoised per-layout results: route plans by ratio, the merged mask
+    rope_positions: torch.Tensor | None = None  # [3, N] long, M-RoPE (t, h, w) positions (Qwen2.5-VL), else None
+    next_positions: list[int] | None = None  # host, per row: the first decode position when it is not the row length
+    inject: dict | None = None  # {layer: [Nv, C]} added to the vision tokens after that layer (Qwen3-VL's DeepStack)
 
     @property
     def num_tokens(self) -> int:

@@ -83,6 +83,10 @@ def check_images(images: Any, config, n_expected: int | None = None) -> None:
     """Pixel tensors of the shape the model's pipeline makes, floating, and finite (named by image index)."""
     if images is None:
         return
+    if config.vision.backend in ("qwen2_5_vl", "qwen3_vl"):
+        from pmod.modeling.vision_qwen import check_qwen_pixels
+
+        return check_qwen_pixels(images, config.vision)
     S = config.vision.image_size
     anyres = config.image_aspect_ratio == "anyres"
     if isinstance(images, torch.Tensor):

@@ -139,7 +139,7 @@ def test_pyproject_installs_kernels_as_pmod_kernels_and_every_package():
     assert st.get("package-dir") == {"pmod_kernels": "kernels"}, st.get("package-dir")
     on_disk = {".".join(p.parent.relative_to(repo).parts) for p in (repo / "pmod").rglob("*.py")}
     data_only = set(st.get("package-data", {})) - on_disk
-    assert data_only == {"pmod.assets"}, data_only
+    assert data_only == {"pmod.assets", "pmod.serve.static"}, data_only
     assert set(st.get("packages", [])) == on_disk | data_only | {"pmod_kernels"}, "pyproject [tool.setuptools] packages is stale"
     assert Path(pk.__file__).parent.name in ("kernels", "pmod_kernels")
 

@@ -136,6 +136,50 @@ def _train_config(cmd, ctx):
     assert "learning_rate" in out
 
 
+_SERVER: dict = {}  # one `pmod serve` of the README's, shared by its curl command and the openai example
+
+
+def _readme_server(cmd: str = "pmod serve --model pmod/assets/tiny-synth-pmod --port 8000"):
+    """The server `cmd` starts, on a free port instead of its --port (a shared machine may hold 8000)."""
+    pytest.importorskip("fastapi", reason="the serve extra is not installed")
+    if "srv" not in _SERVER:
+        import atexit
+
+        from pmod.cli import build_parser
+        from pmod.serve.server import build_app, start_server
+
+        args = build_parser().parse_args([w for w in shlex.split(cmd) if w != "&"][1:])
+        assert (args.host, args.port) == ("127.0.0.1", 8000)
+        _SERVER["srv"] = srv = start_server(build_app(str(REPO / args.model), device=args.device or "cpu"))
+        atexit.register(srv.stop)
+    return _SERVER["srv"]
+
+
+def _pmod_serve(cmd, ctx):
+    """`pmod serve ... &`: the flags parse and the server it builds answers /health (on a free port)."""
+    import httpx
+
+    assert httpx.get(_readme_server(cmd).url + "/health").json() == {"status": "ok"}
+
+
+def _curl(cmd, ctx):
+    """The curl example against the README's server (its port swapped in), with curl when it is installed."""
+    import shutil
+    import subprocess
+
+    import httpx
+
+    url = _readme_server().url
+    words = [w.replace("http://127.0.0.1:8000", url) for w in shlex.split(cmd)]
+    if shutil.which("curl"):
+        out = subprocess.run(words, capture_output=True, text=True, timeout=60, check=True).stdout
+    else:  # the same request without curl: -H header, -d body
+        out = httpx.post(words[2], content=words[words.index("-d") + 1], headers=dict(
+            [words[words.index("-H") + 1].split(": ", 1)])).text
+    reply = json.loads(out)
+    assert reply["object"] == "chat.completion" and reply["choices"][0]["message"]["content"].strip()
+
+
 SLOW = True
 RULES: list[tuple[str, object, bool]] = [  # (the command, as a regular expression; how it is run; under -m slow)
     (r"bash \.ci/setup && \.venv/bin/pmod demo", _setup_and_demo, SLOW),
@@ -149,6 +193,8 @@ RULES: list[tuple[str, object, bool]] = [  # (the command, as a regular expressi
     (r"pmod compare-strategies .*", _pmod_slow(["--rows", "full,lora", "--steps", "3", "--base-steps", "2",
                                                 "--batch-size", "4", "--n-train", "12", "--n-val", "6"]), SLOW),
     (r"pmod eval .*--tasks pmod_synth.*", _eval, SLOW),
+    (r"pmod serve --model \S+ --port 8000 &", _pmod_serve, False),
+    (r"curl -s http://127\.0\.0\.1:8000/v1/chat/completions .*", _curl, False),
     (r"(pmod train|accelerate launch --config_file \S+ -m pmod\.training) .*", _train_config, False),
 ]
 
@@ -191,3 +237,14 @@ def test_python_api_example_runs(checkout, capsys):
     exec(compile(code, "README.md", "exec"), {})
     printed = capsys.readouterr().out
     assert printed.strip(), "the example printed no answer"
+
+
+def test_serve_client_example_runs(checkout, capsys):
+    """The README's openai client example, against the README's server (its port swapped in)."""
+    pytest.importorskip("openai")
+    code = next(b for b in re.findall(r"```python\n(.*?)```", README, flags=re.S) if "from openai import OpenAI" in b)
+    exec(compile(code.replace("http://127.0.0.1:8000", _readme_server().url), "README.md", "exec"), {})
+    printed = capsys.readouterr().out.splitlines()
+    answer, kept, kv = printed[0].rsplit(" ", 2)
+    assert answer.strip() and 0 < float(kept) < 1 and int(kv) > 0
+    assert printed[1].strip()  # the streamed answer

@@ -4,7 +4,8 @@ Supported layouts (detected from `config.json`):
 - ours (`model_type: pmod`), written by `save_pretrained`;
 - official p-MoD (`model_type: pmod_llava_llama`);
 - original LLaVA-1.5 / LLaVA-NeXT (`llava_llama`, `llava_mistral`, `llava_qwen`), dense;
-- transformers llava-hf (`llava`, `llava_next`), dense.
+- transformers llava-hf (`llava`, `llava_next`), dense;
+- transformers LLaVA-OneVision (`llava_onevision`), Qwen2.5-VL and Qwen3-VL (`qwen2_5_vl`, `qwen3_vl`), dense (`pmod.io.hf_vlm`).
 A dense checkpoint becomes a p-MoD model with `mod=ModConfig(...)` (routers inserted, zero init).
 
 pmod.io builds no model: `load_checkpoint(path, build)` takes the constructor; `pmod.from_pretrained` (in

@@ -49,10 +49,14 @@ def detect_layout(raw: dict[str, Any]) -> str:
         return "llava"
     if mt in ("llava", "llava_next"):
         return "llava_hf"
+    if mt == "llava_onevision":
+        return "onevision_hf"
+    if mt in ("qwen2_5_vl", "qwen3_vl"):
+        return mt
     raise CheckpointError(
         f"unknown checkpoint layout: config.json has model_type={mt!r}; pmod reads 'pmod' (ours), "
-        f"'pmod_llava_llama' (official p-MoD), 'llava_llama'/'llava_mistral'/'llava_qwen' (original LLaVA) "
-        f"and 'llava'/'llava_next' (transformers llava-hf)"
+        f"'pmod_llava_llama' (official p-MoD), 'llava_llama'/'llava_mistral'/'llava_qwen' (original LLaVA), "
+        f"'llava'/'llava_next' (transformers llava-hf) and 'llava_onevision' / 'qwen2_5_vl' / 'qwen3_vl' (transformers)"
     )
 
 
@@ -91,9 +95,19 @@ def config_and_keymap(folder: Path, vision_tower: str | None = None) -> tuple[Pm
     try:
         if layout == "pmod":
             return PmodConfig.from_dict(raw), OURS, layout
-        if layout == "llava_hf":
+        if layout in ("llava_hf", "onevision_hf", "qwen2_5_vl", "qwen3_vl"):
             pre = folder / "preprocessor_config.json"
-            return pmod_config_from_llava_hf(raw, read_json(pre) if pre.exists() else None), LLAVA_HF, layout
+            pre_raw = read_json(pre) if pre.exists() else None
+            if layout == "onevision_hf":
+                from pmod.io.hf_vlm import ONEVISION_HF, pmod_config_from_onevision_hf
+
+                return pmod_config_from_onevision_hf(raw, pre_raw), ONEVISION_HF, layout
+            if layout in ("qwen2_5_vl", "qwen3_vl"):
+                from pmod.io.hf_vlm import QWEN2_5_VL, pmod_config_from_qwen2_5_vl, pmod_config_from_qwen3_vl
+
+                translate = pmod_config_from_qwen2_5_vl if layout == "qwen2_5_vl" else pmod_config_from_qwen3_vl
+                return translate(raw, pre_raw), QWEN2_5_VL, layout
+            return pmod_config_from_llava_hf(raw, pre_raw), LLAVA_HF, layout
         if "mm_vision_tower" not in raw:
             raise CheckpointError(f"{path}: a {raw.get('model_type')} config needs mm_vision_tower")
         vision = clip_vision_config(

@@ -69,12 +69,18 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(C, self.G * self.D, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(C, self.G * self.D, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.H * self.D, C, bias=cfg.o_bias)
+        if cfg.qk_norm:  # Qwen3: per-head RMSNorm of q and k before RoPE
+            self.q_norm = RMSNorm(self.D, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.D, cfg.rms_norm_eps)
         self.scale = self.D**-0.5
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
         N = x.shape[0]
-        q = apply_rope(self.q_proj(x).view(N, self.H, self.D), cos, sin)  # [N, H, D]
-        k = apply_rope(self.k_proj(x).view(N, self.G, self.D), cos, sin)  # [N, G, D]
+        q = self.q_proj(x).view(N, self.H, self.D)  # [N, H, D]
+        k = self.k_proj(x).view(N, self.G, self.D)  # [N, G, D]
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         v = self.v_proj(x).view(N, self.G, self.D)  # [N, G, D]
         if ctx.decode:  # N = B rows, one new token each
             k_cache, v_cache, seqlens, uniform = ctx.cache.append(self.layer_idx, k, v)

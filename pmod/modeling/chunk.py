@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
+
 from pmod.cache import PmodCache
 from pmod.packing import Layout
 
@@ -45,9 +47,16 @@ def chunk_layout(layout: Layout, cache: PmodCache, context: int) -> Layout:
         raise ValueError(f"cached prefix + new tokens reach {longest} positions, more than the model's context of "
                          f"{context} tokens")
     offset = cache.positions.to(layout.position_ids.device)
-    return dataclasses.replace(layout, position_ids=layout.position_ids + offset[layout.varlen.row])
+    shift = offset[layout.varlen.row]  # [N]
+    rope = None if layout.rope_positions is None else layout.rope_positions + shift  # M-RoPE [3, N]: every axis moves on
+    nxt = None if layout.next_positions is None else [p + n for p, n in zip(past, layout.next_positions)]
+    return dataclasses.replace(layout, position_ids=layout.position_ids + shift, rope_positions=rope, next_positions=nxt)
 
 
 def advance_positions(cache: PmodCache, layout: Layout) -> None:
-    """After the chunk: each row's next position moves on by its new tokens (all of them, kept or not)."""
-    cache.positions = cache.positions + layout.varlen.seqlens.to(cache.positions.device)
+    """After the chunk: each row's next position moves on by its new tokens (all of them, kept or not), or to the
+    layout's own next positions (M-RoPE, where an image advances the position by less than its token count)."""
+    if layout.next_positions is not None:
+        cache.positions = torch.tensor(layout.next_positions, dtype=torch.long).to(cache.positions.device)
+    else:
+        cache.positions = cache.positions + layout.varlen.seqlens.to(cache.positions.device)

@@ -13,6 +13,7 @@ from torch.utils.checkpoint import checkpoint
 from pmod.config import PmodConfig
 from pmod.modeling.block import AttnContext, DecoderLayer, RMSNorm
 from pmod.modeling.mod import RoutingRecord, mod_layer_forward
+from pmod.modeling.mrope import mrope_cos_sin
 from pmod.modeling.rope import rope_cos_sin, rope_inv_freq
 from pmod.packing import Layout
 
@@ -36,6 +37,9 @@ class LanguageModel(nn.Module):
         dev = position_ids.device
         if dev not in self._inv_freq:  # computed lazily: the module may have been built on the meta device
             self._inv_freq[dev] = rope_inv_freq(self.config.text, dev)
+        if position_ids.dim() == 2:  # [3, N]: M-RoPE
+            t = self.config.text
+            return mrope_cos_sin(position_ids, self._inv_freq[dev], t.mrope_section, dtype, t.mrope_interleaved)
         return rope_cos_sin(position_ids, self._inv_freq[dev], dtype)
 
     def _run(self, fn, *args):
@@ -45,7 +49,7 @@ class LanguageModel(nn.Module):
 
     def forward(self, x: torch.Tensor, layout: Layout, ctx: AttnContext, record: bool = True) -> tuple[torch.Tensor, list[RoutingRecord]]:
         """Prefill or training over packed tokens x [N, C]; returns the final-normed hidden states."""
-        cos, sin = self.rope(layout.position_ids, x.dtype)
+        cos, sin = self.rope(layout.position_ids if layout.rope_positions is None else layout.rope_positions, x.dtype)
         records: list[RoutingRecord] = []
         route = layout.has_vision
         if route:
@@ -55,12 +59,16 @@ class LanguageModel(nn.Module):
             router = self.routers[str(i)] if (route and str(i) in self.routers) else None
             if router is None:
                 x = self._run(layer, x, cos.to(x.device), sin.to(x.device), ctx)
+                if layout.inject is not None and i in layout.inject:
+                    x = x.index_add(0, layout.vision_dest, layout.inject[i].to(x.dtype))
                 continue
             def step(x, layer=layer, router=router, i=i):
                 return mod_layer_forward(layer, router, i, self.ratios[i], self.config.mod, x, cos, sin, layout, ctx, record)
             x, rec = self._run(step, x)
             if rec is not None:
                 records.append(rec)
+            if layout.inject is not None and i in layout.inject:  # DeepStack: after a dense or MoD layer alike
+                x = x.index_add(0, layout.vision_dest, layout.inject[i].to(x.dtype))
         return self.norm(x), records
 
     def decode(self, x: torch.Tensor, positions: torch.Tensor, ctx: AttnContext) -> torch.Tensor:

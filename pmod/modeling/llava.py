@@ -119,21 +119,22 @@ class PmodForConditionalGeneration(nn.Module):
     def image_token_counts(self, images, image_sizes: list[ImageSize] | None) -> list[int]:
         """Feature tokens of each image, from shapes and sizes alone (before the tower runs)."""
         n = _num_images(images)
-        if self.config.image_aspect_ratio != "anyres":
+        if self.config.image_aspect_ratio in ("pad", "square"):
             return [self.config.vision.num_patches] * n
-        from pmod.multimodal.anyres import anyres_num_tokens
+        from pmod.multimodal.tokens import image_token_count
 
+        if self.config.image_aspect_ratio == "native":  # Qwen2.5-VL: the merged grid of each image's tensor
+            return [image_token_count(self.config, x, None) for x in ([images] if torch.is_tensor(images) else images)]
         sizes = _check_sizes(image_sizes, n)
-        v = self.config.vision
-        return [
-            anyres_num_tokens(s, self.config.image_grid_pinpoints, v.image_size, v.image_size // v.patch_size, self.config.mm_patch_merge_type)
-            for s in sizes
-        ]
+        return [image_token_count(self.config, crops, s) for crops, s in zip(images, sizes)]
 
     def encode_images(self, images, image_sizes: list[ImageSize] | None = None) -> torch.Tensor:
         """Pixels -> projected features of all images, concatenated in order: [sum n_i, C]."""
         tower_trainable = any(p.requires_grad for p in self.vision_tower.parameters())
         dev = next(self.vision_tower.parameters()).device
+        if self.config.image_aspect_ratio == "native":  # Qwen2.5-VL: the tower merges and projects itself
+            with torch.set_grad_enabled(torch.is_grad_enabled() and tower_trainable):
+                return self.vision_tower([images] if torch.is_tensor(images) else list(images))  # [sum n_i, C]
         if self.config.image_aspect_ratio != "anyres":
             pixels = images if torch.is_tensor(images) else torch.stack(list(images))
             if pixels.dim() != 4:
@@ -151,6 +152,14 @@ class PmodForConditionalGeneration(nn.Module):
         feats = self.projector(feats.to(self.projector_dtype)).split([c.shape[0] for c in crops])
         v = self.config.vision
         newline = getattr(self, "image_newline", None)
+        if self.config.anyres_max_crops is not None:  # LLaVA-OneVision
+            from pmod.multimodal.onevision import assemble_onevision_features
+
+            return torch.cat([
+                assemble_onevision_features(f, s, self.config.image_grid_pinpoints, v.image_size, v.image_size // v.patch_size,
+                                            newline, self.config.anyres_max_crops)
+                for f, s in zip(feats, sizes)
+            ])
         return torch.cat([
             assemble_anyres_features(f, s, self.config.image_grid_pinpoints, v.image_size, v.image_size // v.patch_size,
                                      newline, self.config.mm_patch_merge_type)
@@ -175,11 +184,19 @@ class PmodForConditionalGeneration(nn.Module):
         check_images(images, self.config)
         counts = self.image_token_counts(images, image_sizes) if images is not None else []
         layout = build_layout(ids_host, mask_host, counts, self.device, max_length=self.config.model_max_length)
+        if self.config.text.mrope_section is not None:  # Qwen2.5-VL: (t, h, w) positions, decode continues after the max
+            from pmod.modeling.mrope import attach_mrope
+
+            attach_mrope(layout, ids_host, mask_host, images)
         ids = input_ids.to(self.device).flatten().index_select(0, layout.text_src)  # [Nt]
         emb = self.language_model.embed_tokens(ids)  # [Nt, C]
         x = emb.new_zeros(layout.num_tokens, emb.shape[-1]).index_copy(0, layout.text_dest, emb)
         if counts:
-            feats = self.encode_images(images, image_sizes).to(device=x.device, dtype=x.dtype)
+            feats = self.encode_images(images, image_sizes)
+            if isinstance(feats, tuple):  # Qwen3-VL: (features, DeepStack features added after the first layers)
+                feats, deep = feats
+                layout.inject = {i: d.to(device=x.device, dtype=x.dtype) for i, d in enumerate(deep)}
+            feats = feats.to(device=x.device, dtype=x.dtype)
             if feats.shape[0] != layout.vision_dest.shape[0]:
                 raise RuntimeError(f"vision tower gave {feats.shape[0]} feature tokens, expected {layout.vision_dest.shape[0]}")
             x = x.index_copy(0, layout.vision_dest, feats)
@@ -212,8 +229,10 @@ class PmodForConditionalGeneration(nn.Module):
                               heads_first=backend.heads_first_cache)
         with backend.scope(x.device):
             h, routing = self.language_model(x, layout, AttnContext(backend, layout.varlen, cache), record=output_routing)
+        layout.inject = None  # DeepStack features are consumed (autograd keeps what it needs): not kept alive by the output
         if cache is not None:
-            cache.positions = torch.tensor(layout.varlen.lens, dtype=torch.long).to(h.device, non_blocking=True)
+            start = layout.next_positions if layout.next_positions is not None else layout.varlen.lens
+            cache.positions = torch.tensor(start, dtype=torch.long).to(h.device, non_blocking=True)
         return self._output(h, labels, layout, cache, routing, logits_to_keep)
 
     def _continue(self, input_ids, images, image_sizes, attention_mask, labels, cache: PmodCache, cache_reserve: int,
@@ -230,6 +249,7 @@ class PmodForConditionalGeneration(nn.Module):
         ctx = AttnContext(backend, layout.varlen, cache, extend=True)
         with backend.scope(x.device):
             h, routing = self.language_model(x, layout, ctx, record=output_routing)
+        layout.inject = None
         advance_positions(cache, layout)
         return self._output(h, None, layout, cache, routing, logits_to_keep)
 

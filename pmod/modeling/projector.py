@@ -7,6 +7,8 @@ __all__ = ["build_projector"]
 
 
 def build_projector(kind: str, vision_dim: int, hidden: int) -> nn.Module:
+    if kind == "none":  # the tower ends in the decoder's width (Qwen2.5-VL's patch merger)
+        return nn.Identity()
     if kind == "linear":
         return nn.Linear(vision_dim, hidden)
     if kind == "mlp2x_gelu":  # Linear, GELU (erf), Linear: keys 0.* and 2.* as in LLaVA checkpoints

@@ -80,4 +80,8 @@ class TimmTower(nn.Module):
 
 
 def build_vision_tower(cfg: VisionConfig) -> nn.Module:
+    if cfg.backend in ("qwen2_5_vl", "qwen3_vl"):
+        from pmod.modeling.vision_qwen import Qwen25VLTower, Qwen3VLTower
+
+        return (Qwen25VLTower if cfg.backend == "qwen2_5_vl" else Qwen3VLTower)(cfg)
     return {"clip": CLIPTower, "siglip": SiglipTower, "timm": TimmTower}[cfg.backend](cfg)

@@ -62,12 +62,29 @@ class PmodProcessor:
         atomic_write_text(Path(folder) / PROCESSOR_CONFIG, json.dumps({"template": self.template.name}, indent=2) + "\n")
 
     # --- images ---------------------------------------------------------------------------------
-    def process_images(self, images: Sequence[Any]) -> tuple[torch.Tensor | list[torch.Tensor], list[tuple[int, int]]]:
-        """-> (pixels, sizes): [N, 3, S, S] for pad/square, a list of [1+n_i, 3, S, S] for anyres; sizes (w, h)."""
+    def process_images(self, images: Sequence[Any], images_per_sample: Sequence[int] | None = None
+                       ) -> tuple[torch.Tensor | list[torch.Tensor], list[tuple[int, int]]]:
+        """-> (pixels, sizes): [N, 3, S, S] for pad/square, a list of [1+n_i, 3, S, S] for anyres; sizes (w, h).
+        `images_per_sample` (default: one each) matters to LLaVA-OneVision, which tiles only lone images."""
         v, cfg = self.config.vision, self.config
         pil = [load_image(im, max_pixels=self.max_pixels, max_side=self.max_side, max_aspect_ratio=self.max_aspect_ratio,
                           exif_transpose=self.exif_transpose) for im in images]
         sizes = [im.size for im in pil]
+        if cfg.image_aspect_ratio == "native":  # Qwen2.5-VL: dynamic resolution, one tensor per image
+            from pmod.multimodal.qwen2_5_vl import qwen_pixel_values
+
+            c = v.clip
+            return [qwen_pixel_values(im, c.get("patch_size", 14), c.get("spatial_merge_size", 2), c.get("temporal_patch_size", 2),
+                                      v.min_pixels or 56 * 56, v.max_pixels or 28 * 28 * 1280, v.image_mean, v.image_std)
+                    for im in pil], sizes
+        if cfg.anyres_max_crops is not None:
+            from pmod.multimodal.onevision import onevision_pixel_values
+
+            tiled = [n == 1 for n in (images_per_sample or [1] * len(pil)) for _ in range(n)]
+            if len(tiled) != len(pil):
+                raise ValueError(f"images_per_sample={list(images_per_sample)} sums to {len(tiled)}, but {len(pil)} images were given")
+            return [onevision_pixel_values(im, cfg.image_grid_pinpoints, v.image_size, v.image_mean, v.image_std, t)
+                    for im, t in zip(pil, tiled)], sizes
         if cfg.image_aspect_ratio == "anyres":
             return [anyres_pixel_values(im, cfg.image_grid_pinpoints, v.image_size, v.image_mean, v.image_std) for im in pil], sizes
         if cfg.image_aspect_ratio == "pad":
@@ -114,7 +131,7 @@ class PmodProcessor:
                 msgs = [{"role": "user", "content": t}] if isinstance(t, str) else [dict(m) for m in t]
                 first_user = next(m for m in msgs if m["role"] == "user")
                 if ims and not any(IMAGE_PLACEHOLDER in m["content"] for m in msgs):
-                    first_user["content"] = (IMAGE_PLACEHOLDER + "\n") * len(ims) + first_user["content"]
+                    first_user["content"] = self.template.image_format * len(ims) + first_user["content"]
                 t = self.apply_template(msgs)
             n_ph = t.count(IMAGE_PLACEHOLDER)
             if n_ph != len(ims):
@@ -130,7 +147,7 @@ class PmodProcessor:
             input_ids[b, sl] = torch.tensor(row)
             mask[b, sl] = 1
         flat = [im for ims in imgs for im in ims]
-        pixels, sizes = self.process_images(flat) if flat else (None, None)
+        pixels, sizes = self.process_images(flat, [len(ims) for ims in imgs]) if flat else (None, None)
         return {"input_ids": input_ids, "attention_mask": mask, "images": pixels, "image_sizes": sizes}
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:

@@ -25,6 +25,7 @@ class Template:
     user_suffix: str
     assistant_prefix: str
     assistant_suffix: str  # closes a trained answer (e.g. "</s>")
+    image_format: str = IMAGE_PLACEHOLDER + "\n"  # how an image the question does not place goes before it
 
 
 _VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
@@ -54,6 +55,17 @@ TEMPLATES["llava_v1"] = Template(
     "USER: ", " ", "ASSISTANT:", "</s>",
 )
 TEMPLATES["qwen"] = TEMPLATES["chatml"]
+# Qwen2-VL / Qwen2.5-VL: chatml, each image wrapped in vision markers, straight before the question
+TEMPLATES["qwen2_vl"] = Template(
+    "qwen2_vl", "You are a helpful assistant.", "<|im_start|>system\n{system}<|im_end|>\n",
+    "<|im_start|>user\n", "<|im_end|>\n", "<|im_start|>assistant\n", "<|im_end|>\n",
+    image_format="<|vision_start|>" + IMAGE_PLACEHOLDER + "<|vision_end|>",
+)
+# Qwen3-VL: the same turns, no default system prompt
+TEMPLATES["qwen3_vl"] = Template(
+    "qwen3_vl", "", "<|im_start|>system\n{system}<|im_end|>\n", "<|im_start|>user\n", "<|im_end|>\n",
+    "<|im_start|>assistant\n", "<|im_end|>\n", image_format="<|vision_start|>" + IMAGE_PLACEHOLDER + "<|vision_end|>",
+)
 
 
 def get_template(name: str | Template) -> Template:

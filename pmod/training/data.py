@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 from pmod.config import PmodConfig
 from pmod.multimodal.images import ImageLoadError
 from pmod.multimodal.templates import Template, segments
+from pmod.multimodal.tokens import image_token_count
 from pmod.packing import IGNORE_INDEX
 from pmod.training.labels import count_targets, tokenize_segments, truncate
 from pmod.training.records import Sample
@@ -29,7 +30,7 @@ __all__ = ["ConversationDataset", "Collator", "image_feature_tokens"]
 MAX_REPLACEMENTS = 100
 
 
-def image_feature_tokens(config: PmodConfig, size_wh: tuple[int, int]) -> int:
+def image_feature_tokens(config: PmodConfig, size_wh: tuple[int, int]) -> int:  # LLaVA-1.5 / NeXT; see image_token_count
     """Feature tokens the model will insert for one image of this size (what `truncate` must budget)."""
     v = config.vision
     if config.image_aspect_ratio != "anyres":
@@ -62,9 +63,9 @@ class ConversationDataset(Dataset):
         return [s.words + per_image * len(s.images) for s in self.samples]
 
     def _build(self, s: Sample) -> dict[str, Any]:
-        pixels, sizes = self.processor.process_images(s.images) if s.images else (None, [])
+        pixels, sizes = self.processor.process_images(s.images, [len(s.images)]) if s.images else (None, [])
         tok = tokenize_segments(self.tokenizer, segments(self.template, s.messages))
-        widths = [image_feature_tokens(self.processor.config, sz) for sz in sizes]
+        widths = [image_token_count(self.processor.config, px, sz) for px, sz in zip(pixels, sizes)] if s.images else []
         cut = truncate(tok, widths, self.max_length)
         if cut is None:
             raise _Unusable("too_long_for_images", f"its image(s) do not fit in model_max_length={self.max_length}")

@@ -133,7 +133,7 @@ def train(cfg: TrainConfig, callbacks: Sequence[Callback] = ()) -> TrainResult:
 
     remaining = LocalBatches(stream, accelerator.process_index, state.position, state.position + (total - state.step) * gas)
     loader = DataLoader(dataset, batch_sampler=remaining,
-                        collate_fn=Collator(built.tokenizer.pad_token_id, inner.config.image_aspect_ratio == "anyres"), num_workers=cfg.num_workers,
+                        collate_fn=Collator(built.tokenizer.pad_token_id, inner.config.image_aspect_ratio in ("anyres", "native")), num_workers=cfg.num_workers,
                         pin_memory=torch.cuda.is_available())
     batches = iter(loader)
     acc = {"loss": 0.0, "targets": 0, "tokens": 0}

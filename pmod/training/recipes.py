@@ -34,6 +34,8 @@ _FINETUNE_COMMON: dict[str, Any] = {
     "num_workers": 4, "logging_steps": 1, "save_steps": 500, "save_total_limit": 1,
 }
 
+_QWEN_FINETUNE = {k: v for k, v in _FINETUNE_COMMON.items() if k not in ("vision_tower", "projector_type", "vision_select_layer")}
+
 RECIPES: dict[str, dict[str, Any]] = {
     "pmod-llava-1.5": {**_FINETUNE_COMMON, "image_aspect_ratio": "pad", "mm_patch_merge_type": "flat",
                        "model_max_length": 2048, "per_device_batch_size": 4, "gradient_accumulation_steps": 4},
@@ -48,6 +50,12 @@ RECIPES: dict[str, dict[str, Any]] = {
         "lr_scheduler": "cosine", "mixed_precision": "bf16", "tf32": True, "gradient_checkpointing": True,
         "group_by_modality_length": False, "num_workers": 4, "logging_steps": 1, "save_steps": 500, "save_total_limit": 1,
     },
+    # Ours, not the paper's (it has none for these): its fine-tuning hyper-parameters applied to converting an
+    # instruction-tuned Qwen-based model (routers at zero), global batch 128 on 8 GPUs; contexts fit the largest image.
+    "pmod-onevision": {**_QWEN_FINETUNE, "model": "llava-hf/llava-onevision-qwen2-7b-ov-hf", "template": "qwen",
+                       "model_max_length": 8192, "per_device_batch_size": 4, "gradient_accumulation_steps": 4},
+    "pmod-qwen2.5-vl": {**_QWEN_FINETUNE, "model": "Qwen/Qwen2.5-VL-7B-Instruct", "template": "qwen2_vl",
+                        "model_max_length": 8192, "per_device_batch_size": 8, "gradient_accumulation_steps": 2},
     # A few dozen CPU steps on a tiny model (e.g. the synthetic VQA set): checks a setup end to end.
     "tiny-cpu": {
         "stage": "finetune", "mod": PAPER_MOD, "per_device_batch_size": 4, "gradient_accumulation_steps": 1,

@@ -1,0 +1,75 @@
+"""Server metrics in Prometheus' text format (no client library): counters the engine adds to, gauges it sets."""
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+
+__all__ = ["Metrics"]
+
+OUTCOMES = ("ok", "error", "cancelled", "timeout", "rejected")
+RATE_WINDOW_S = 10.0
+
+
+class Metrics:
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.requests = dict.fromkeys(OUTCOMES, 0)
+        self.counters = dict.fromkeys(("prompt_tokens", "generation_tokens", "prefill_flops", "prefill_flops_dense",
+                                       "decode_steps", "prefill_batches"), 0.0)
+        self.gauges = dict.fromkeys(("queue_length", "running_rows", "kv_cache_bytes", "kv_cache_dense_bytes"), 0)
+        self._recent: deque[tuple[float, int]] = deque()  # (time, tokens generated at that step)
+
+    def outcome(self, kind: str) -> None:
+        with self._lock:
+            self.requests[kind] += 1
+
+    def add(self, **amounts: float) -> None:
+        with self._lock:
+            for k, v in amounts.items():
+                self.counters[k] += v
+            n = int(amounts.get("generation_tokens", 0))
+            if n:
+                self._recent.append((time.monotonic(), n))
+
+    def set(self, **values: float) -> None:
+        with self._lock:
+            self.gauges.update(values)
+
+    def tokens_per_second(self) -> float:
+        """Generated tokens per second over the last RATE_WINDOW_S seconds."""
+        now = time.monotonic()
+        with self._lock:
+            while self._recent and self._recent[0][0] < now - RATE_WINDOW_S:
+                self._recent.popleft()
+            return sum(n for _, n in self._recent) / RATE_WINDOW_S
+
+    def render(self, model_name: str) -> str:
+        lab = f'model_name="{model_name}"'
+        tps = self.tokens_per_second()
+        with self._lock:
+            c, g = dict(self.counters), dict(self.gauges)
+            req = dict(self.requests)
+        lines = ["# HELP pmod_requests_total Chat completion requests by outcome.", "# TYPE pmod_requests_total counter"]
+        lines += [f'pmod_requests_total{{{lab},outcome="{k}"}} {v}' for k, v in req.items()]
+
+        def one(name, kind, help_, value):
+            lines.extend([f"# HELP pmod_{name} {help_}", f"# TYPE pmod_{name} {kind}", f"pmod_{name}{{{lab}}} {value:g}"])
+
+        one("queue_length", "gauge", "Requests waiting for a row of the running batch.", g["queue_length"])
+        one("running_rows", "gauge", "Rows in the running decode batch.", g["running_rows"])
+        one("prompt_tokens_total", "counter", "Prompt tokens prefilled (image tokens included).", c["prompt_tokens"])
+        one("generation_tokens_total", "counter", "Tokens generated.", c["generation_tokens"])
+        one("tokens_per_second", "gauge", f"Generated tokens per second over the last {RATE_WINDOW_S:g} s.", tps)
+        one("kv_cache_bytes", "gauge", "KV cache bytes held by the running rows (p-MoD: reduced).", g["kv_cache_bytes"])
+        one("kv_cache_dense_bytes", "gauge", "KV cache bytes a dense model would hold for the same rows.",
+            g["kv_cache_dense_bytes"])
+        one("prefill_flops_total", "counter", "Prefill FLOPs (complete convention, decoder + lm_head).", c["prefill_flops"])
+        one("prefill_flops_dense_total", "counter", "Prefill FLOPs the dense twin would have spent.",
+            c["prefill_flops_dense"])
+        one("prefill_flops_saved_total", "counter", "Prefill FLOPs saved by MoD routing vs dense.",
+            c["prefill_flops_dense"] - c["prefill_flops"])
+        one("decode_steps_total", "counter", "Batched decode steps run.", c["decode_steps"])
+        one("prefill_batches_total", "counter", "Packed prefills run (each admits one or more requests).",
+            c["prefill_batches"])
+        return "\n".join(lines) + "\n"

@@ -1,0 +1,97 @@
+"""Our processor on a LLaVA-OneVision checkpoint against transformers' LlavaOnevisionProcessor (PIL backend)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_onevision import IMG, PINS_HW, S, tiny_onevision_hf
+
+import pmod
+
+WORDS = "what is in this image ? describe the two pictures . user assistant system you are a helpful".split()
+
+
+def chat_tokenizer():
+    """Word-level, Qwen-like: no BOS, chat markers and <image> as special tokens (<image> is id IMG)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<|im_start|>", "<|im_end|>", "\n", *WORDS])}
+    vocab["<image>"] = IMG
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<|im_end|>")
+    fast.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<image>"]})
+    return fast
+
+
+def picture(w, h, seed):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def processors(tmp_path_factory):
+    from transformers import LlavaOnevisionProcessor
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
+
+    folder = tmp_path_factory.mktemp("ovp")
+    tiny_onevision_hf(folder)
+    tok = chat_tokenizer()
+    ip = LlavaOnevisionImageProcessorPil(size={"height": S, "width": S}, image_grid_pinpoints=PINS_HW,
+                                         image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    from transformers import LlavaOnevisionVideoProcessor
+
+    theirs = LlavaOnevisionProcessor(image_processor=ip, tokenizer=tok, video_processor=LlavaOnevisionVideoProcessor(),
+                                     num_image_tokens=9, vision_feature_select_strategy="full")
+    ours = pmod.PmodProcessor(tok, pmod.load_config(folder))
+    return ours, theirs, pmod.from_pretrained(folder, dtype=torch.float32)
+
+
+def collapse(ids: list[int], counts: list[int]) -> list[int]:
+    """transformers' runs of <image> ids (counts[i] for image i) -> our one IMAGE_TOKEN_INDEX per image."""
+    out, i, it = [], 0, iter(counts)
+    while i < len(ids):
+        if ids[i] == IMG:
+            n = next(it)
+            assert ids[i : i + n] == [IMG] * n
+            out.append(pmod.IMAGE_TOKEN_INDEX)
+            i += n
+        else:
+            out.append(ids[i])
+            i += 1
+    return out
+
+
+@pytest.mark.parametrize("size_wh", [(97, 45), (37, 101), (130, 129), (300, 41)])
+def test_single_image_matches_transformers(processors, size_wh):
+    ours, theirs, model = processors
+    img = picture(*size_wh, seed=size_wh[0])
+    prompt = "<|im_start|>user\n<image>\nwhat is in this image ?<|im_end|>\n<|im_start|>assistant\n"
+    ref = theirs(text=prompt, images=[img], return_tensors="pt")
+    got = ours(prompt, [img], chat=False)
+    n_img = int((ref["input_ids"] == IMG).sum())
+    assert model.image_token_counts(got["images"], got["image_sizes"]) == [n_img]
+    assert got["input_ids"][0].tolist() == collapse(ref["input_ids"][0].tolist(), [n_img])
+    assert got["image_sizes"] == [size_wh] and ref["image_sizes"][0].tolist() == [size_wh[1], size_wh[0]]
+    assert torch.equal(got["images"][0], ref["pixel_values"][0])  # bit for bit
+
+
+def test_two_images_in_one_sample_are_untiled(processors):
+    ours, theirs, model = processors
+    imgs = [picture(97, 45, 1), picture(40, 88, 2)]
+    prompt = "<|im_start|>user\n<image><image>\ndescribe the two pictures .<|im_end|>\n<|im_start|>assistant\n"
+    ref = theirs(text=prompt, images=[imgs], return_tensors="pt")
+    got = ours(prompt, imgs, chat=False)
+    assert got["input_ids"][0].tolist() == collapse(ref["input_ids"][0].tolist(), [10, 10])
+    assert [x.shape[0] for x in got["images"]] == [1, 1]
+    assert model.image_token_counts(got["images"], got["image_sizes"]) == [10, 10] and int((ref["input_ids"] == IMG).sum()) == 20
+    for i in range(2):
+        assert torch.equal(got["images"][i][0], ref["pixel_values"][i][0])
+
+
+def test_chat_uses_the_qwen_template(processors):
+    ours, _, _ = processors
+    assert ours.apply_template("what is in this image ?") == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nwhat is in this image ?<|im_end|>\n"
+        "<|im_start|>assistant\n")
