@@ -129,11 +129,16 @@ class PmodCache:
 
     def _grow(self, layer: int, cap: int) -> None:
         for store in (self.k, self.v):
-            old = store[layer]
-            view = self.slots(old)  # [B, S, G, D]
-            new = self._empty(old, cap, view.shape[2], view.shape[3])
-            self.slots(new)[:, : view.shape[1]] = view
-            store[layer] = new
+            store[layer] = self._resized(store[layer], max(self.lengths[layer]), cap)
+
+    def _resized(self, old: torch.Tensor, filled: int, cap: int) -> torch.Tensor:
+        """`old` with `cap` slots: its first `filled` copied, the rest zero (one write per element, not two)."""
+        view = self.slots(old)  # [B, S, G, D]
+        B, _, G, D = view.shape
+        new = old.new_empty((B, G, cap, D) if self.heads_first else (B, cap, G, D))
+        self.slots(new)[:, :filled] = view[:, :filled]
+        self.slots(new)[:, filled:].zero_()  # never-written slots are zero: static mode reads them under a mask
+        return new
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep only `rows` (e.g. to drop finished sequences from a batch)."""
@@ -148,6 +153,46 @@ class PmodCache:
         if self.positions is not None:
             self.positions = self.positions[rows.to(self.positions.device)]
         self.batch_size = len(keep)
+
+    # --- continuation (pmod.modeling.chunk) -----------------------------------------------------
+    def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor, varlen: Varlen) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """A chunk after the cached prefix: write k, v [N_l, G, D] (the packed new tokens this layer processed,
+        `varlen` their rows) after each row's filled slots. Returns (k_cache, v_cache, past): views of the
+        filled slots in the storage layout and each row's length before the write (host)."""
+        if self.k[layer] is None:
+            raise RuntimeError(f"PmodCache: layer {layer} was never prefilled; run a prefill before continuing")
+        if self.static:
+            raise RuntimeError("PmodCache.extend: this cache is static (a CUDA graph replays its tensors); use a copy()")
+        past = self.lengths[layer]
+        new = [p + n for p, n in zip(past, varlen.lens)]
+        need = max(new)
+        if need > self.k[layer].shape[self.slot_dim]:
+            self._grow(layer, need + self.reserve)
+        offset = torch.tensor(past, dtype=torch.long).to(varlen.slot.device, non_blocking=True)  # [B]
+        dest = offset[varlen.row] + varlen.slot  # [N_l] slot of each new token in its row
+        self.slots(self.k[layer])[varlen.row, dest] = k.detach()
+        self.slots(self.v[layer])[varlen.row, dest] = v.detach()
+        self.lengths[layer] = new
+        self.seqlens[layer] = self.seqlens[layer] + varlen.seqlens.to(self.seqlens[layer].device)
+        k_all = self.k[layer].narrow(self.slot_dim, 0, need)
+        return k_all, self.v[layer].narrow(self.slot_dim, 0, need), past
+
+    def copy(self, spare: int | None = None) -> "PmodCache":
+        """An independent cache with the same contents: continue one prefix several ways, each from its own copy.
+        `spare=None` keeps the capacity; `spare=n` sizes each layer to its filled slots + n (the chunk and the
+        decode steps to come: no reallocation later). A static cache copies as a dynamic one."""
+        out = PmodCache(self.num_layers, self.batch_size, reserve=self.reserve, heads_first=self.heads_first)
+        clone = lambda t: None if t is None else t.clone()  # noqa: E731
+        for i in range(self.num_layers):
+            if self.k[i] is None or spare is None:
+                out.k[i], out.v[i] = clone(self.k[i]), clone(self.v[i])
+            else:
+                n = max(self.lengths[i])
+                out.k[i], out.v[i] = self._resized(self.k[i], n, n + spare), self._resized(self.v[i], n, n + spare)
+        out.seqlens = [clone(t) for t in self.seqlens]
+        out.lengths = [list(row) for row in self.lengths]
+        out.positions = clone(self.positions)
+        return out
 
     # --- row operations (continuous batching: rows join and leave between decode steps) -----------
     def drop_rows(self, rows) -> None:

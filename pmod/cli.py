@@ -45,9 +45,9 @@ def _messages(args, turns: list[dict[str, str]]) -> list[dict[str, str]]:
     return ([{"role": "system", "content": args.system}] if args.system is not None else []) + turns
 
 
-def _check_context(model, inputs: dict, max_new_tokens: int) -> None:
-    """Raise ContextError before the prefill when a row's merged length (text + image tokens) + max_new_tokens
-    exceeds the model's context (the bound `generate` enforces)."""
+def _check_context(model, inputs: dict, max_new_tokens: int, cached: int = 0) -> None:
+    """Raise ContextError before the prefill when a row's merged length (text + image tokens, after `cached`
+    positions of a conversation's cache) + max_new_tokens exceeds the model's context (the bound `generate` enforces)."""
     from pmod.packing import IMAGE_TOKEN_INDEX
 
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
@@ -57,21 +57,24 @@ def _check_context(model, inputs: dict, max_new_tokens: int) -> None:
         real = row[m.bool()]
         n_img = int((real == IMAGE_TOKEN_INDEX).sum())
         vision = sum(next(counts) for _ in range(n_img))
-        n = int((real != IMAGE_TOKEN_INDEX).sum()) + vision
+        n = int((real != IMAGE_TOKEN_INDEX).sum()) + vision + cached
         if n + max_new_tokens > context:
-            raise ContextError(f"the prompt is {n} tokens ({vision} of them its image's) and --max-new-tokens "
-                               f"{max_new_tokens} would take it past the model's context of {context} tokens")
+            what = f"the conversation is {n} tokens" if cached else f"the prompt is {n} tokens ({vision} of them its image's)"
+            raise ContextError(f"{what} and --max-new-tokens {max_new_tokens} would take it past the model's context "
+                               f"of {context} tokens")
 
 
-def _answer(model, processor, messages, images, args, out=None) -> tuple[str, str]:
-    """Generate, streaming text to `out` (stdout); returns (answer, one-line efficiency summary)."""
+def _answer(model, processor, messages, images, args, out=None, conversation=None) -> tuple[str, str]:
+    """Generate, streaming text to `out` (stdout); returns (answer, one-line efficiency summary).
+    With a `conversation` (pmod.conversation), a turn after the first prefills only its new text over the cache."""
     import torch
 
     out = out or sys.stdout
     from pmod.evaluation.efficiency import measure_efficiency
 
-    inputs = processor(messages, images=images or None)
-    _check_context(model, inputs, args.max_new_tokens)
+    inputs = conversation.inputs(messages, images) if conversation is not None else processor(messages, images=images or None)
+    cached = conversation.cached if "past_key_values" in inputs else 0
+    _check_context(model, inputs, args.max_new_tokens, cached)
     printed = ""
     ids: list[int] = []
 
@@ -85,12 +88,24 @@ def _answer(model, processor, messages, images, args, out=None) -> tuple[str, st
 
     gen = torch.Generator(device=model.device).manual_seed(args.seed)
     t0 = time.perf_counter()
-    tokens, cache = model.generate(
-        **inputs, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0, temperature=max(args.temperature, 1e-5),
-        top_p=args.top_p, top_k=args.top_k, streamer=stream, generator=gen, return_cache=True,
-    )
+    try:
+        tokens, cache = model.generate(
+            **inputs, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0, temperature=max(args.temperature, 1e-5),
+            top_p=args.top_p, top_k=args.top_k, streamer=stream, generator=gen, return_cache=True,
+        )
+    except Exception:
+        if conversation is not None:
+            conversation.reset()  # the cache may hold part of this turn: the next one prefills the whole history
+        raise
     dt = time.perf_counter() - t0
     out.write("\n")
+    if conversation is not None:
+        conversation.record(tokens, cache)
+    if cached:
+        lens = cache.layer_lengths()
+        line = (f"[continued a cache of {cached} positions: prefilled {inputs['input_ids'].shape[1]} new tokens; "
+                f"layer lengths {min(lens)}-{max(lens)}; {tokens.shape[1]} tokens in {dt:.2f} s]")
+        return processor.decode(tokens[0]), line
     layout = model.prepare(inputs["input_ids"], inputs["images"], inputs["image_sizes"], inputs["attention_mask"])[1]
     eff = measure_efficiency(model.config, layout, None)
     line = f"[{eff.summary()}; {tokens.shape[1]} tokens in {dt:.2f} s]"
@@ -192,8 +207,12 @@ def _open_image(path: str):
 
 
 def cmd_chat(args) -> int:
-    """LLaVA's chat: one image per conversation (`--image`, or `/image PATH`, which starts a new conversation)."""
+    """LLaVA's chat: one image per conversation (`--image`, or `/image PATH`, which starts a new conversation).
+    The conversation keeps its cache (pmod.conversation): a turn prefills only its new text; /reset drops it."""
+    from pmod.conversation import Conversation
+
     model, processor = _load(args)
+    conversation = Conversation(model, processor)
     image = _open_image(args.image) if args.image else None
     history: list[dict[str, str]] = []
     say = lambda s: print(s, file=sys.stderr, flush=True)
@@ -212,6 +231,7 @@ def cmd_chat(args) -> int:
             return 0
         if line == "/reset":
             history, image = [], None
+            conversation.reset()
             say("(new conversation, no image)")
             continue
         if line == "/image" or line.startswith("/image "):
@@ -224,6 +244,7 @@ def cmd_chat(args) -> int:
                 say(f"error: {e}; the conversation goes on as it was")
                 continue
             history, image = [], new
+            conversation.reset()
             say(f"(new conversation about {path}: one image per conversation, as in LLaVA's chat)")
             continue
         if line.startswith("/"):
@@ -232,7 +253,8 @@ def cmd_chat(args) -> int:
         history.append({"role": "user", "content": line})
         print("ASSISTANT: ", end="", flush=True)
         try:
-            answer, summary = _answer(model, processor, _messages(args, history), [image] if image else [], args)
+            answer, summary = _answer(model, processor, _messages(args, history), [image] if image else [], args,
+                                      conversation=conversation)
         except ContextError as e:
             print()
             say(f"error: {e}; /reset starts a new conversation")

@@ -35,6 +35,7 @@ def generate(
     generator: torch.Generator | None = None,
     return_cache: bool = False,
     cuda_graph: bool = False,
+    past_key_values=None,
 ):
     """Returns new tokens [B, n_new] (pad_token_id after a row finishes); with `return_cache`, also the cache.
 
@@ -44,6 +45,9 @@ def generate(
     first, then `put(tokens [B])` after each step, `end()` once at the end; the prompt holds no image placeholder
     (batch 1: those positions and the padding left out; batch > 1: [B, T] with them as `pad_token_id`). Any other
     callable is called as `streamer(tokens [B])` after each step.
+    `past_key_values` (a PmodCache): `input_ids` (and `images`) continue that cache, in place, in one chunk
+    (`pmod.modeling.chunk`); pass `cache.copy()` to keep the prefix. The returned cache holds every generated
+    token but the last one (never fed back): a further turn starts with it.
     `cuda_graph=True` (CUDA, SDPA or eager attention) replays each decode step from one captured graph
     (`pmod.cudagraph.GraphedDecode`): the same tokens, without the per-kernel launch cost of the host.
     """
@@ -52,7 +56,10 @@ def generate(
     stop_strings = check_generation(max_new_tokens, stop_strings, tokenizer, eos_token_id, pad_token_id)
     check_sampling(do_sample, temperature, top_k, top_p)
     ids_host, mask_host = check_batch(input_ids, attention_mask, cfg.vocab_size)
-    longest = max(merged_lengths(ids_host, mask_host, model.image_token_counts(images, image_sizes) if images is not None else []))
+    lens = merged_lengths(ids_host, mask_host, model.image_token_counts(images, image_sizes) if images is not None else [])
+    if past_key_values is not None and past_key_values.positions is not None and len(lens) == past_key_values.batch_size:
+        lens = [n + p for n, p in zip(lens, past_key_values.positions.tolist())]  # the chunk after each row's prefix
+    longest = max(lens)
     context = max(cfg.max_position_embeddings, model.config.model_max_length)
     if longest + max_new_tokens > context:
         raise ValueError(f"prompt ({longest} tokens with images) + max_new_tokens ({max_new_tokens}) exceeds the "
@@ -63,7 +70,8 @@ def generate(
 
     with torch.inference_mode():
         out = model(input_ids=input_ids, images=images, image_sizes=image_sizes, attention_mask=attention_mask,
-                    use_cache=True, cache_reserve=max_new_tokens, logits_to_keep="last", output_routing=False)
+                    use_cache=True, cache_reserve=max_new_tokens, logits_to_keep="last", output_routing=False,
+                    past_key_values=past_key_values)
         cache, logits = out.past_key_values, out.logits
         B = logits.shape[0]
         eos_t = torch.tensor(eos, dtype=torch.long, device=logits.device)

@@ -54,9 +54,9 @@ def _chat(monkeypatch, checkpoint, lines: list[str], *argv: str) -> tuple[int, l
 
     seen, answer = [], cli._answer
 
-    def spy(model, processor, messages, images, args, out=None):
+    def spy(model, processor, messages, images, args, out=None, **kw):
         seen.append([dict(m, images=len(images)) for m in messages])
-        return answer(model, processor, messages, images, args, out)
+        return answer(model, processor, messages, images, args, out, **kw)
 
     monkeypatch.setattr(cli, "_answer", spy)
     monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(lines + ["/quit", ""])))
@@ -128,3 +128,14 @@ def test_generate_requests_errors_are_named(checkpoint, tmp_path, capsys):
     assert rc == 2 and "r.jsonl, line 2" in err and '"prompt" string' in err
     rc, _, err = _generate(capsys, checkpoint)
     assert rc == 2 and "--prompt" in err and "--requests" in err
+
+
+def test_chat_keeps_the_cache_across_turns(monkeypatch, checkpoint, capsys):
+    """The second and third turns continue the first turn's cache (their summaries say how little they prefilled);
+    /reset drops it, so the next turn prefills from scratch again."""
+    rc, seen = _chat(monkeypatch, checkpoint, [f"/image {checkpoint / 'red.png'}", "what color?", "and now?", "how many?",
+                                               "/reset", "hi"])
+    err = capsys.readouterr().err
+    assert rc == 0 and [len(s) for s in seen] == [1, 3, 5, 1]
+    summaries = [ln for ln in err.splitlines() if ln.startswith("[")]
+    assert [s.startswith("[continued a cache of") for s in summaries] == [False, True, True, False], summaries

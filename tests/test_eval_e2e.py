@@ -218,3 +218,28 @@ def test_lmms_eval_finds_the_plugin_by_entry_point():
     assert get_model("pmod").__name__ == "PmodLmms"
     assert sys.modules["pmod.evaluation.lmms_plugin"].PmodLmms.is_simple
     assert ModelRun("a", "b").label == "a"
+
+
+def test_prefix_cache_reuses_one_image_across_questions(setup, plugin, tmp_path):
+    """prefix_cache_mb: several questions about one image prefill it once (misses = images, hits = the other
+    questions, in the journal), and every answer equals the plugin's without a prefix cache."""
+    from PIL import Image
+
+    from pmod.evaluation.lmms_plugin import PmodLmms
+
+    lm = PmodLmms(pretrained=str(setup["ckpt"]), dtype="float32", device="cpu", batch_size=3, log=str(tmp_path),
+                  resume=False, prefix_cache_mb=4)
+    pils = [Image.open(setup["data"] / plugin.task_dict["t"]["test"][i]["image"]).convert("RGB") for i in (0, 1)]
+    questions = ["what color ?", "how many ?", "what shape ?"]
+    docs = [{"question": q, "pil": p} for p in pils for q in questions] + [{"question": "yes ?", "pil": None}]
+    lm.task_dict = plugin.task_dict = {"t": {"test": docs}}
+    gk = {"until": ["?"], "max_new_tokens": 5, "temperature": 0, "do_sample": False}
+    reqs = _instances("generate_until", [d["question"] for d in docs], [dict(gk) for _ in docs])
+    got = [r.text for r in lm.generate_until(reqs)]
+    assert got == [r.text for r in plugin.generate_until(reqs)]
+    logged = sorted(read_journal(tmp_path), key=lambda r: r["doc_id"])
+    assert [r["prefix_cache"] for r in logged].count("miss") == 2 and [r["prefix_cache"] for r in logged].count("hit") == 4
+    assert logged[-1]["prefix_cache"] == "none"
+    st = lm.prefixes.stats()
+    assert (st.hits, st.misses, st.entries) == (4, 2, 2) and 0 < st.bytes <= 4 * 2**20
+    assert all(r["prefilled_tokens"] < r["n_text"] for r in logged if r["prefix_cache"] == "hit")

@@ -145,3 +145,22 @@ def test_bad_pixels_are_named(pair):
     ids, _, _ = make_batch([(2, 1, 2)], vocab=140)
     with pytest.raises(ValueError, match=r"\[gt, gh, gw, 4, 1176\]"):
         ours(input_ids=ids, images=[torch.randn(3, 5, 1176)])
+
+
+def test_continuing_a_cache_equals_the_whole_row(pair):
+    """M-RoPE positions continue across a chunk (every axis shifts by the prefix's next position): a text chunk and a
+    chunk with a second image give the logits of the whole row from scratch, and the same greedy tokens."""
+    _, ours, _ = pair
+    X = pmod.IMAGE_TOKEN_INDEX
+    imgs = [pixels(2, 3, 5), pixels(4, 1, 6)]
+    prefix = [5, 6, VSTART, X, VEND, 7]
+    for chunk, im in (([8, 9, 10], []), ([11, VSTART, X, VEND, 12, 13], imgs[1:])):
+        whole = torch.tensor([prefix + chunk])
+        with torch.no_grad():
+            cache = ours(input_ids=torch.tensor([prefix]), images=imgs[:1], use_cache=True).past_key_values
+            ref = ours(input_ids=whole, images=imgs[:1] + im).logits[0]
+            got = ours(input_ids=torch.tensor([chunk]), images=im or None, past_key_values=cache.copy()).logits[0]
+        torch.testing.assert_close(got, ref[-got.shape[0]:], rtol=0, atol=1e-5)
+        want = ours.generate(input_ids=whole, images=imgs[:1] + im, max_new_tokens=6, eos_token_id=[])
+        assert torch.equal(ours.generate(input_ids=torch.tensor([chunk]), images=im or None, past_key_values=cache,
+                                         max_new_tokens=6, eos_token_id=[]), want)

@@ -48,6 +48,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available; one GPU per process if several)")
     p.add_argument("--attn-backend", default="auto", choices=["auto", "sdpa", "flash", "eager"])
     p.add_argument("--conv-template", help="conversation template (default: the checkpoint's, vicuna_v1 for p-MoD)")
+    p.add_argument("--prefix-cache-mb", type=float, default=None,
+                   help="keep prompt prefixes (up to the image) in an LRU of this many MiB: a question about an image "
+                        "already seen continues its cached prefill (requests then run one at a time)")
     p.add_argument("--include-path", action="append", type=Path, help="extra lmms-eval task folder (repeatable)")
     p.add_argument("--synth-data", type=Path, help="dataset folder for the pmod_synth task (test.jsonl + images/)")
     p.add_argument("--online", action="store_true", help="let lmms-eval download datasets (default: local cache only)")
@@ -91,7 +94,7 @@ def cmd_eval(args) -> int:
         labels = [f"{i}-{lab}" for i, lab in enumerate(labels)]
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     model_args = {"dtype": args.dtype, "device": args.device, "attn_backend": args.attn_backend,
-                  "conv_template": args.conv_template}
+                  "conv_template": args.conv_template, "prefix_cache_mb": args.prefix_cache_mb}
     files = evaluate([ModelRun(lab, p) for lab, p in zip(labels, paths)], tasks, args.output,
                      batch_size=args.batch_size, limit=args.limit, include_path=args.include_path,
                      synth_data=args.synth_data, num_processes=args.num_processes, model_args=model_args,

@@ -18,7 +18,12 @@ model has returned ALL requests of a type, so it does not help an interrupted ru
 
 Model args: pretrained (required), dtype (auto), device (cuda if available), batch_size (also the CLI's
 --batch_size; model_args win), attn_backend (auto), conv_template (the checkpoint's), max_new_tokens (default for
-tasks that give none: 1024), seed (0, for sampling), log, resume (true), max_pixels.
+tasks that give none: 1024), seed (0, for sampling), log, resume (true), max_pixels, prefix_cache_mb (0 = off).
+
+``prefix_cache_mb=N`` keeps the reduced caches of prompt prefixes (up to the image) in `pmod.prefix_cache`, N MiB,
+LRU: a question about an image already seen continues its cached prefix instead of prefilling the image again
+(POPE and MME ask several per image). Requests then run one at a time; every journal line of a request says
+``prefix_cache`` (hit / miss / none) with the running counts (``prefix_cache_stats``).
 """
 from __future__ import annotations
 
@@ -41,6 +46,7 @@ from pmod.evaluation.journal import Journal, model_hash
 from pmod.flops import count_flops, kv_cache_bytes
 from pmod.multimodal.templates import IMAGE_PLACEHOLDER
 from pmod.packing import build_layout
+from pmod.prefix_cache import PrefixCache, continue_prefix
 from pmod.evaluation.efficiency import measure_efficiency
 
 __all__ = ["PmodLmms", "request_efficiency"]
@@ -72,11 +78,11 @@ class PmodLmms(lmms):
     def __init__(self, pretrained: str, dtype: str = "auto", device: str | None = None, batch_size: int | str = 1,
                  attn_backend: str = "auto", conv_template: str | None = None, max_new_tokens: int = 1024,
                  seed: int = 0, log: str | None = None, resume: bool | str = True, max_pixels: int | None = None,
-                 max_batch_size: int | None = None, **unknown) -> None:
+                 max_batch_size: int | None = None, prefix_cache_mb: float = 0, **unknown) -> None:
         super().__init__()
         if unknown:
             raise ValueError(f"pmod: unknown model_args {sorted(unknown)}; known: pretrained, dtype, device, batch_size, "
-                             "attn_backend, conv_template, max_new_tokens, seed, log, resume, max_pixels")
+                             "attn_backend, conv_template, max_new_tokens, seed, log, resume, max_pixels, prefix_cache_mb")
         if str(batch_size).startswith("auto"):
             raise ValueError("pmod: batch_size=auto is not supported; pass an integer (--batch_size 8)")
         self.accelerator = Accelerator()
@@ -93,6 +99,7 @@ class PmodLmms(lmms):
         self.fingerprint = _fingerprint(pretrained, dtype, self.processor.template.name, self.processor.max_pixels)
         folder = Path(log) if log else _cli_output_path()
         self.journal = Journal(folder, self._rank, str(resume).lower() not in ("false", "0", "no"), model_hash(self.fingerprint))
+        self.prefixes = PrefixCache(int(float(prefix_cache_mb) * 2**20)) if float(prefix_cache_mb) > 0 else None
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> PmodLmms:
@@ -217,11 +224,34 @@ class PmodLmms(lmms):
         return texts, counts, records
 
     def _run_generation(self, contexts: list[str], images: list[list], gen_kwargs: dict):
+        if self.prefixes is not None:
+            return self._run_with_prefixes(contexts, images, gen_kwargs)
         kw = _generation_settings(gen_kwargs, self.max_new_tokens)
         until = kw.pop("until")
         inputs = self.processor(contexts, images=images, chat=True)
         gen = torch.Generator(device=self.device).manual_seed(self.seed) if kw["do_sample"] else None
         tokens = self._model.generate(**inputs, **kw, stop_strings=until or None, tokenizer=self.tokenizer, generator=gen)
+        return self._results(inputs, tokens, until)
+
+    def _run_with_prefixes(self, contexts: list[str], images: list[list], gen_kwargs: dict):
+        """One request at a time, each continuing its prefix's cached prefill when the prefix cache has it."""
+        texts, counts, records = [], [], []
+        for ctx, ims in zip(contexts, images):
+            kw = _generation_settings(gen_kwargs, self.max_new_tokens)
+            until = kw.pop("until")
+            inputs = self.processor([ctx], images=[ims], chat=True)
+            gen = torch.Generator(device=self.device).manual_seed(self.seed) if kw["do_sample"] else None
+            args, hit = continue_prefix(self._model, self.prefixes, inputs["input_ids"], inputs["images"],
+                                        inputs["image_sizes"], salt=json.dumps(self.fingerprint, default=str),
+                                        max_new_tokens=kw["max_new_tokens"])
+            tokens = self._model.generate(**args, **kw, stop_strings=until or None, tokenizer=self.tokenizer, generator=gen)
+            t, c, r = self._results(inputs, tokens, until)
+            r[0].update(prefix_cache="none" if "past_key_values" not in args else ("hit" if hit else "miss"),
+                        prefilled_tokens=int(args["input_ids"].shape[1]), prefix_cache_stats=self.prefixes.stats().as_dict())
+            texts, counts, records = texts + t, counts + c, records + r
+        return texts, counts, records
+
+    def _results(self, inputs: dict, tokens: torch.Tensor, until: list[str]):
         texts = [_cut(self.processor.decode(row), until) for row in tokens]
         records = self._efficiency(inputs)
         eos = set(self._model.config.text.eos_token_ids)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pmod.attention import AttentionBackend
+from pmod.attention.extend import extend_attention
 from pmod.cache import PmodCache
 from pmod.config import TextConfig
 from pmod.modeling.rope import apply_rope
@@ -55,6 +56,7 @@ class AttnContext:
     varlen: Varlen | None = None  # prefill: the rows of the tokens this layer processes
     cache: PmodCache | None = None
     decode: bool = False
+    extend: bool = False  # a chunk after the cached prefix: attend over the cache plus the new tokens (modeling/chunk.py)
 
 
 class Attention(nn.Module):
@@ -83,6 +85,9 @@ class Attention(nn.Module):
         if ctx.decode:  # N = B rows, one new token each
             k_cache, v_cache, seqlens, uniform = ctx.cache.append(self.layer_idx, k, v)
             o = ctx.backend.decode(q, k_cache, v_cache, seqlens, self.scale, uniform)
+        elif ctx.extend:  # N new tokens of B rows (ctx.varlen), after each row's cached slots
+            k_cache, v_cache, past = ctx.cache.extend(self.layer_idx, k, v, ctx.varlen)
+            o = extend_attention(ctx.backend.name, q, k_cache, v_cache, past, ctx.varlen, self.scale, ctx.cache.heads_first)
         else:
             if ctx.cache is not None:
                 ctx.cache.store(self.layer_idx, k, v, ctx.varlen)

@@ -22,6 +22,7 @@ from pmod.cache import PmodCache
 from pmod.config import PmodConfig
 from pmod.io import load_checkpoint, save_pretrained
 from pmod.modeling.block import AttnContext
+from pmod.modeling.chunk import advance_positions, check_continuable, chunk_layout
 from pmod.modeling.decoder import LanguageModel
 from pmod.modeling.mod import RoutingRecord
 from pmod.modeling.projector import build_projector
@@ -212,8 +213,14 @@ class PmodForConditionalGeneration(nn.Module):
         cache_reserve: int = 0,
         logits_to_keep: str = "all",
         output_routing: bool = True,
+        past_key_values: PmodCache | None = None,
     ) -> PmodOutput:
-        """Prefill or training forward. `logits_to_keep='last'` returns [B, V] logits of each row's last token."""
+        """Prefill or training forward. `logits_to_keep='last'` returns [B, V] logits of each row's last token.
+        With `past_key_values`, the inputs are a chunk that continues that cache in place (`pmod.modeling.chunk`):
+        logits, routing and masks cover the chunk's tokens only."""
+        if past_key_values is not None:
+            return self._continue(input_ids, images, image_sizes, attention_mask, labels, past_key_values, cache_reserve,
+                                  logits_to_keep, output_routing)
         x, layout = self.prepare(input_ids, images, image_sizes, attention_mask)
         backend = self._backend()
         cache = None
@@ -226,7 +233,28 @@ class PmodForConditionalGeneration(nn.Module):
         if cache is not None:
             start = layout.next_positions if layout.next_positions is not None else layout.varlen.lens
             cache.positions = torch.tensor(start, dtype=torch.long).to(h.device, non_blocking=True)
+        return self._output(h, labels, layout, cache, routing, logits_to_keep)
 
+    def _continue(self, input_ids, images, image_sizes, attention_mask, labels, cache: PmodCache, cache_reserve: int,
+                  logits_to_keep: str, output_routing: bool) -> PmodOutput:
+        """A chunk appended to `cache` (every layer over its cache + the new tokens; positions continue)."""
+        if labels is not None:
+            raise ValueError("labels with past_key_values: training runs full sequences; continue only at inference")
+        backend = self._backend()
+        rows = input_ids.shape[0] if torch.is_tensor(input_ids) and input_ids.dim() == 2 else cache.batch_size  # else check_batch names it
+        check_continuable(cache, rows, backend.heads_first_cache, backend.name)
+        x, layout = self.prepare(input_ids, images, image_sizes, attention_mask)
+        layout = chunk_layout(layout, cache, max(self.config.text.max_position_embeddings, self.config.model_max_length))
+        cache.reserve = max(cache.reserve, cache_reserve)  # spare slots for the decode steps that follow
+        ctx = AttnContext(backend, layout.varlen, cache, extend=True)
+        with backend.scope(x.device):
+            h, routing = self.language_model(x, layout, ctx, record=output_routing)
+        layout.inject = None
+        advance_positions(cache, layout)
+        return self._output(h, None, layout, cache, routing, logits_to_keep)
+
+    def _output(self, h: torch.Tensor, labels, layout: Layout, cache: PmodCache | None, routing, logits_to_keep: str) -> PmodOutput:
+        """Loss and logits of the final hidden states h [N, C] (packed as `layout`)."""
         loss = None
         if labels is not None:
             loss = self._loss(h, labels, layout)

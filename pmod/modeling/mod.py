@@ -76,7 +76,7 @@ def mod_layer_forward(
     w_tok = torch.ones(N, dtype=x.dtype, device=x.device).index_copy(0, layout.vision_dest, w_v)  # [N], 1 on text
 
     h = gather_rows(x, idx)  # [Nk, C]
-    sub = AttnContext(ctx.backend, plan.varlen, ctx.cache, decode=False)
+    sub = AttnContext(ctx.backend, plan.varlen, ctx.cache, decode=False, extend=ctx.extend)
     h_mid = layer.attend(h, cos.index_select(0, idx), sin.index_select(0, idx), sub)
     m = layer.feed_forward(h_mid)
     out = string_merge(x, w_tok, idx, h_mid, m)  # STRing: x * w, kept rows h_mid + w * m
