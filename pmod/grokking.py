@@ -32,8 +32,9 @@ __all__ = ["GrokConfig", "ModAddMLP", "ModAddTransformer", "build_model", "split
 class GrokConfig:
     """One run. Defaults: the official `config_pruning.py` (lr 1e-3, weight decay 1, betas (0.9, 0.98), 40 %
     training pairs with a <= b, MLP E=500 / M=48, keep 0.4) at the issue's P = 97. The transformer follows Nanda
-    et al.'s one-layer model (C=128, 4 heads, MLP 512, no LayerNorm, no biases) without positional embeddings,
-    as the official `Transformer` (its pos-embed line is commented out)."""
+    et al.'s one-layer model (C=128, 4 heads, no LayerNorm, no biases) with the official config's MLP width
+    d_mlp = d_model, and without positional embeddings, as the official `Transformer` (its pos-embed line is
+    commented out)."""
 
     arch: str = "mlp"  # mlp | transformer
     p: int = 97
@@ -43,7 +44,7 @@ class GrokConfig:
     d_hidden: int = 48  # MLP
     d_model: int = 128  # transformer
     heads: int = 4
-    d_mlp: int = 512
+    d_mlp: int = 128  # the official config's d_mlp = 1 * d_model (Nanda et al. used 512)
     lr: float = 1e-3
     weight_decay: float = 1.0
     betas: tuple[float, float] = (0.9, 0.98)
@@ -97,9 +98,10 @@ class ModAddMLP(nn.Module):
         self.unembed = _normal(d_emb, p, std=1 / math.sqrt(d_emb), g=g)  # [E, P]
 
     def forward(self, pairs: torch.Tensor) -> torch.Tensor:  # pairs [B, 2] -> logits [B, P]
-        x = self.embed[pairs].sum(1)  # [B, E]
-        h = F.relu(x @ self.w_in.T)  # [B, M]
-        return (h @ self.w_out.T) @ self.unembed  # [B, P]
+        # relu((e_a + e_b) W_inᵀ) W_outᵀ W_U with the linear maps folded through the P-row vocabulary first:
+        # the same function (tests: a one-hot float64 reference), ~12x fewer FLOPs at P=97, E=500, M=48.
+        h = F.relu(F.embedding(pairs, self.embed @ self.w_in.T).sum(1))  # [B, M]
+        return h @ (self.w_out.T @ self.unembed)  # [B, P]
 
 
 class ModAddTransformer(nn.Module):
@@ -118,15 +120,17 @@ class ModAddTransformer(nn.Module):
         self.unembed = _normal(c, p, std=1 / math.sqrt(c), g=g)  # [C, P]
 
     def forward(self, pairs: torch.Tensor) -> torch.Tensor:  # pairs [B, 2] -> logits [B, P]
-        x = self.embed[pairs]  # [B, 2, C]
-        b, t, c = x.shape
-        q, k, v = (
-            (x @ w).view(b, t, self.heads, c // self.heads).transpose(1, 2) for w in (self.w_q, self.w_k, self.w_v)
-        )  # [B, H, 2, D]
-        z = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, 2, D]
-        x = x + z.transpose(1, 2).reshape(b, t, c) @ self.w_o  # [B, 2, C]
+        # Only the last position's output is read, so only its query, residual and MLP are computed; K and V of
+        # both tokens come from the vocabulary projected once ((embed W)[tokens] = embed[tokens] W). The same
+        # function as the full causal block (tests: an eager float64 reference), ~2x fewer FLOPs.
+        b, c, h = pairs.shape[0], self.embed.shape[1], self.heads
+        q = F.embedding(pairs[:, 1], self.embed @ self.w_q).view(b, 1, h, c // h)  # [B, 1, H, D]
+        k, v = (F.embedding(pairs, self.embed @ w).view(b, 2, h, c // h) for w in (self.w_k, self.w_v))  # [B, 2, H, D]
+        att = torch.softmax((q * k).sum(-1) / math.sqrt(c // h), 1)  # [B, 2, H]: the last token sees both
+        z = (att.unsqueeze(-1) * v).sum(1)  # [B, H, D]; elementwise: a batched 1x2 matmul is slower on CPU
+        x = F.embedding(pairs[:, 1], self.embed) + z.reshape(b, c) @ self.w_o  # [B, C]
         x = x + F.relu(x @ self.w_in) @ self.w_out
-        return x[:, -1] @ self.unembed  # [B, P]
+        return x @ self.unembed  # [B, P]
 
 
 def build_model(cfg: GrokConfig) -> nn.Module:
@@ -168,9 +172,13 @@ def rewind(model: nn.Module, init: dict[str, torch.Tensor], masks: dict[str, tor
         prm.copy_(init[n] if masks is None else init[n] * masks[n])
 
 
-def _eval(model: nn.Module, pairs: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
-    logits = model(pairs).double()  # float64 loss as the official `cross_entropy_high_precision`
-    return F.cross_entropy(logits, y), (logits.argmax(-1) == y).double().mean().item()
+def _loss(model: nn.Module, pairs: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = model(pairs)  # [B, P]
+    return F.cross_entropy(logits.double(), y), logits  # float64 loss as the official `cross_entropy_high_precision`
+
+
+def _acc(logits: torch.Tensor, y: torch.Tensor) -> float:
+    return (logits.argmax(-1) == y).double().mean().item()
 
 
 def train(model: nn.Module, cfg: GrokConfig, masks: dict[str, torch.Tensor] | None = None,
@@ -186,10 +194,11 @@ def train(model: nn.Module, cfg: GrokConfig, masks: dict[str, torch.Tensor] | No
     hist: dict[str, list[float]] = {"step": [], "train_loss": [], "test_loss": [], "train_acc": [], "test_acc": []}
     reached = None
     for step in range(cfg.steps + 1):
-        loss, acc = _eval(model, train_pairs, y_train)
+        loss, logits = _loss(model, train_pairs, y_train)
         if step % cfg.eval_every == 0 or step == cfg.steps:
             with torch.no_grad():
-                test_loss, test_acc = _eval(model, test_pairs, y_test)
+                test_loss, test_logits = _loss(model, test_pairs, y_test)
+                acc, test_acc = _acc(logits, y_train), _acc(test_logits, y_test)
             for k, v in zip(hist, (step, loss.item(), test_loss.item(), acc, test_acc)):
                 hist[k].append(v)
             if on_eval is not None:

@@ -53,9 +53,15 @@ def one_seed(arch: str, seed: int, args: argparse.Namespace) -> dict:
     snap: dict[str, dict] = {}
 
     def at_memorized(step: int, hist: dict) -> None:  # first full fit of the training set
+        progress(step, hist, "dense")
         if "memorized" not in snap and hist["train_acc"][-1] >= 1.0:
             snap["memorized"] = {"step": step, "test_acc": hist["test_acc"][-1],
                                  "state": {n: t.detach().clone() for n, t in model.named_parameters()}}
+
+    def progress(step: int, hist: dict, name: str) -> None:
+        if step % args.log_every == 0:
+            print(f"[{arch} s{seed}] {name} step {step}: train {hist['train_acc'][-1]:.3f} test {hist['test_acc'][-1]:.3f}",
+                  flush=True)
 
     out: dict = {"arch": arch, "seed": seed, "p": base.p, "frac_train": base.frac_train, "keep": args.keep,
                  "n_train": len(data[0]), "n_test": len(data[1]), "runs": {}}
@@ -86,7 +92,8 @@ def one_seed(arch: str, seed: int, args: argparse.Namespace) -> dict:
         m = build_model(cfg)
         rewind(m, init, mask)
         t0 = time.time()
-        h = train(m, cfg, masks=mask, data=data, stop_at=0.95, stop_patience=args.patience)
+        h = train(m, cfg, masks=mask, data=data, stop_at=0.95, stop_patience=args.patience,
+                  on_eval=lambda st, hi, name=name: progress(st, hi, name))
         out["runs"][name] = {"hist": h, "seconds": time.time() - t0, "weight_decay": wd, "density": density(mask)}
         print(f"[{arch} s{seed}] {name}: 95% at {steps_to(h)}, {time.time() - t0:.0f}s", flush=True)
     return out
@@ -105,6 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--patience", type=int, default=300, help="steps recorded after a pruned run reaches 95%%")
     ap.add_argument("--runs", nargs="+", default=list(RUNS), choices=RUNS)
     ap.add_argument("--no-revive", dest="revive", action="store_false", help="skip the official relive_neurons")
+    ap.add_argument("--log-every", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--tag", default="", help="suffix of the runs file (runs-<arch><tag>.json)")
