@@ -12,7 +12,7 @@ from pathlib import Path
 LABELS = {"dense": "dense (wd 1)", "ticket": "ticket (wd 1)", "ticket-wd0": "ticket (wd 0)",
           "random": "random mask, same density (wd 1)", "memorized": "ticket from the memorising net (wd 1)"}
 COLORS = {"dense": "black", "ticket": "tab:red", "ticket-wd0": "tab:orange", "random": "tab:blue",
-          "memorized": "tab:green"}
+          "memorized": "tab:green", "ticket-local": "tab:purple", "ticket-newinit": "tab:brown"}
 
 
 def steps_to(hist: dict, threshold: float = 0.95) -> int | None:
@@ -76,11 +76,10 @@ def plot(seeds: list[dict]) -> bytes:
                 if name == "dense" and i == 0:
                     ax.plot(h["step"], [100 * a for a in h["train_acc"]], color="gray", ls=":", lw=1, label="dense, train acc")
         ax.axhline(95, color="gray", lw=0.6, ls="--")
-        ax.set_xscale("symlog", linthresh=100)
         s0 = group[0]
         ax.set_title(f"{arch}: (a+b) mod {s0['p']}, {100 * s0['frac_train']:.0f} % train, keep {100 * s0['keep']:.0f} %, "
                      f"{len(group)} seed(s)", fontsize=10)
-        ax.set_xlabel("training step (full batch; symlog)")
+        ax.set_xlabel("training step (full batch)")
         ax.set_ylabel("test accuracy (%)")
         ax.set_ylim(-2, 102)
         ax.legend(fontsize=7.5, loc="lower right")

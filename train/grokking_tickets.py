@@ -10,7 +10,9 @@ first reaches 95 % test accuracy: the generalised network; (2) `ticket`: the glo
 rewound to W_0, same optimiser; (3) `ticket-wd0`: the same without weight decay (the paper's claim that the
 ticket, not the decay, removes the delay); (4) `random`: a uniformly random mask of the ticket's density,
 rewound to W_0, weight decay 1; (5) `memorized`: a magnitude ticket taken instead from the dense network at the
-step it first fits the whole training set (before it generalises), the paper's "non-grokked" ticket. Every run
+step it first fits the whole training set (before it generalises), the paper's "non-grokked" ticket. On
+request: `ticket-local` (the top --keep of each tensor, not global) and `ticket-newinit` (the ticket's mask on a
+different random init: does the mask alone carry the speed-up?). Every run
 but (1) stops `--patience` steps after 95 % or at `--cap` x the dense run's steps to 95 % (default 1: a run
 that is not faster than dense is cut there; this bounds the CPU time). Writes runs-<arch>.json into --out.
 """
@@ -34,6 +36,7 @@ from pmod.grokking import (GrokConfig, build_model, control_mask, density, reviv
 
 OUT = REPO / "eval" / "results" / "grokking-2026-12-02"
 RUNS = ("dense", "ticket", "random", "ticket-wd0", "memorized")  # the key comparison first
+VARIANTS = ("ticket-local", "ticket-newinit")  # diagnostics, on request (--runs)
 
 
 def write_atomic(path: Path, data: str | bytes) -> None:
@@ -81,6 +84,9 @@ def one_seed(arch: str, seed: int, args: argparse.Namespace, save=None) -> dict:
     dens = density(ticket)
     plans = {"ticket": (ticket, base.weight_decay), "ticket-wd0": (ticket, 0.0),
              "random": (control_mask(init, dens, seed=10_000 + seed), base.weight_decay)}
+    local = {n: ticket_mask({n: w}, args.keep)[n] for n, w in trained.items()}  # per-tensor threshold
+    plans["ticket-local"] = (revive_dead_neurons(local) if arch == "mlp" and args.revive else local, base.weight_decay)
+    plans["ticket-newinit"] = (ticket, base.weight_decay)  # the mask on a different random init
     if "memorized" in snap:
         plans["memorized"] = (masks_from(snap["memorized"]["state"]), base.weight_decay)
         out["memorized_at"] = {"step": snap["memorized"]["step"], "test_acc": snap["memorized"]["test_acc"]}
@@ -96,7 +102,10 @@ def one_seed(arch: str, seed: int, args: argparse.Namespace, save=None) -> dict:
         mask, wd = plans[name]
         cfg = dataclasses.replace(base, weight_decay=wd, steps=cap)
         m = build_model(cfg)
-        rewind(m, init, mask)
+        start = init
+        if name == "ticket-newinit":
+            start = {n: t.detach() for n, t in build_model(dataclasses.replace(cfg, seed=cfg.seed + 1000)).named_parameters()}
+        rewind(m, start, mask)
         t0 = time.time()
         h = train(m, cfg, masks=mask, data=data, stop_at=0.95, stop_patience=args.patience,
                   on_eval=lambda st, hi, name=name: progress(st, hi, name))
@@ -119,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dense-patience", type=int, default=2000, help="dense steps after 95%% before pruning")
     ap.add_argument("--cap", type=float, default=1.0, help="pruned runs stop at cap x dense steps to 95%%")
     ap.add_argument("--patience", type=int, default=300, help="steps recorded after a pruned run reaches 95%%")
-    ap.add_argument("--runs", nargs="+", default=list(RUNS), choices=RUNS)
+    ap.add_argument("--runs", nargs="+", default=list(RUNS), choices=RUNS + VARIANTS)
     ap.add_argument("--no-revive", dest="revive", action="store_false", help="skip the official relive_neurons")
     ap.add_argument("--log-every", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=1)
