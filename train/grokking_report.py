@@ -20,12 +20,17 @@ def steps_to(hist: dict, threshold: float = 0.95) -> int | None:
     return next((s for s, a in zip(hist["step"], hist["test_acc"]) if a >= threshold), None)
 
 
+def setting(s: dict) -> str:
+    """Runs are grouped by architecture, modulus and training fraction."""
+    return f"{s['arch']}, P={s['p']}, {100 * s['frac_train']:.0f} % train"
+
+
 def summarise(seeds: list[dict]) -> list[dict]:
     """One row per (arch, run): steps to 95 % per seed (None: not within the run), its mean over the seeds that
     got there, and the ratio to dense on the same seeds."""
     rows = []
-    for arch in sorted({s["arch"] for s in seeds}):
-        group = [s for s in seeds if s["arch"] == arch]
+    for arch in sorted({setting(s) for s in seeds}):
+        group = [s for s in seeds if setting(s) == arch]
         names = [n for n in LABELS if any(n in s["runs"] for s in group)]
         for name in names:
             per = {s["seed"]: s["runs"][name] for s in group if name in s["runs"]}
@@ -33,7 +38,7 @@ def summarise(seeds: list[dict]) -> list[dict]:
             dense = {s["seed"]: steps_to(s["runs"]["dense"]["hist"]) for s in group}
             got = [v for v in reach.values() if v is not None]
             ratios = [reach[sd] / dense[sd] for sd in reach if reach[sd] is not None and dense.get(sd)]
-            rows.append({"arch": arch, "run": name, "steps_to_95": reach, "max_steps": {sd: r["hist"]["step"][-1] for sd, r in per.items()},
+            rows.append({"setting": arch, "run": name, "steps_to_95": reach, "max_steps": {sd: r["hist"]["step"][-1] for sd, r in per.items()},
                          "mean_steps_to_95": statistics.mean(got) if got else None,
                          "reached": f"{len(got)}/{len(reach)}",
                          "speedup_vs_dense": statistics.mean([1 / r for r in ratios]) if ratios else None,
@@ -44,15 +49,15 @@ def summarise(seeds: list[dict]) -> list[dict]:
 
 
 def markdown(rows: list[dict], seeds: list[dict]) -> str:
-    out = ["| arch | run | kept | steps to 95 % test, per seed | mean | speed-up vs dense | final test acc | CPU s |",
+    out = ["| setting | run | kept | steps to 95 % test, per seed | mean | speed-up vs dense | final test acc | wall s |",
            "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         per = ", ".join(f"{v}" if v is not None else f">{r['max_steps'][sd]}" for sd, v in sorted(r["steps_to_95"].items()))
         mean = f"{r['mean_steps_to_95']:.0f} ({r['reached']})" if r["mean_steps_to_95"] is not None else f"never ({r['reached']})"
         sp = f"{r['speedup_vs_dense']:.2f}x" if r["speedup_vs_dense"] is not None else "-"
         acc = ", ".join(f"{100 * a:.1f}" for _, a in sorted(r["final_test_acc"].items()))
-        out.append(f"| {r['arch']} | {LABELS[r['run']]} | {100 * r['density']:.1f} % | {per} | {mean} | {sp} | {acc} | {r['seconds']:.0f} |")
-    mem = [f"{s['arch']} seed {s['seed']}: step {s['memorized_at']['step']} (test {100 * s['memorized_at']['test_acc']:.1f} %)"
+        out.append(f"| {r["setting"]} | {LABELS[r['run']]} | {100 * r['density']:.1f} % | {per} | {mean} | {sp} | {acc} | {r['seconds']:.0f} |")
+    mem = [f"{setting(s)} seed {s['seed']}: step {s['memorized_at']['step']} (test {100 * s['memorized_at']['test_acc']:.1f} %)"
            for s in seeds if "memorized_at" in s]
     if mem:
         out += ["", "Memorising checkpoints (first step at 100 % train accuracy): " + "; ".join(mem) + "."]
@@ -65,10 +70,10 @@ def plot(seeds: list[dict]) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    archs = sorted({s["arch"] for s in seeds})
+    archs = sorted({setting(s) for s in seeds})
     fig, axes = plt.subplots(1, len(archs), figsize=(7 * len(archs), 4.6), squeeze=False)
     for ax, arch in zip(axes[0], archs):
-        group = [s for s in seeds if s["arch"] == arch]
+        group = [s for s in seeds if setting(s) == arch]
         for i, s in enumerate(sorted(group, key=lambda s: s["seed"])):
             for name, r in s["runs"].items():
                 h = r["hist"]
@@ -78,7 +83,7 @@ def plot(seeds: list[dict]) -> bytes:
                     ax.plot(h["step"], [100 * a for a in h["train_acc"]], color="gray", ls=":", lw=1, label="dense, train acc")
         ax.axhline(95, color="gray", lw=0.6, ls="--")
         s0 = group[0]
-        ax.set_title(f"{arch}: (a+b) mod {s0['p']}, {100 * s0['frac_train']:.0f} % train, keep {100 * s0['keep']:.0f} %, "
+        ax.set_title(f"{s0['arch']}: (a+b) mod {s0['p']}, {100 * s0['frac_train']:.0f} % train, keep {100 * s0['keep']:.0f} %, "
                      f"{len(group)} seed(s)", fontsize=10)
         ax.set_xlabel("training step (full batch)")
         ax.set_ylabel("test accuracy (%)")
