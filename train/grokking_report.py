@@ -56,7 +56,7 @@ def markdown(rows: list[dict], seeds: list[dict]) -> str:
         mean = f"{r['mean_steps_to_95']:.0f} ({r['reached']})" if r["mean_steps_to_95"] is not None else f"never ({r['reached']})"
         sp = f"{r['speedup_vs_dense']:.2f}x" if r["speedup_vs_dense"] is not None else "-"
         acc = ", ".join(f"{100 * a:.1f}" for _, a in sorted(r["final_test_acc"].items()))
-        out.append(f"| {r["setting"]} | {LABELS[r['run']]} | {100 * r['density']:.1f} % | {per} | {mean} | {sp} | {acc} | {r['seconds']:.0f} |")
+        out.append(f"| {r['setting']} | {LABELS[r['run']]} | {100 * r['density']:.1f} % | {per} | {mean} | {sp} | {acc} | {r['seconds']:.0f} |")
     mem = [f"{setting(s)} seed {s['seed']}: step {s['memorized_at']['step']} (test {100 * s['memorized_at']['test_acc']:.1f} %)"
            for s in seeds if "memorized_at" in s]
     if mem:
