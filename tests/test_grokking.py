@@ -162,4 +162,4 @@ def test_driver_and_report_end_to_end_on_a_tiny_modulus(tmp_path):
     assert {"dense", "ticket", "ticket-wd0", "random", "ticket-local", "ticket-newinit"} <= runs
     dens = {r["run"]: r["density"] for r in res["rows"]}
     assert dens["random"] == pytest.approx(dens["ticket"]) and dens["dense"] == 1.0
-    assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG" and "| mlp |" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG" and "| mlp, P=7, 40 % train |" in (tmp_path / "results.md").read_text()
