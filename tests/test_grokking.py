@@ -154,12 +154,12 @@ def test_config_names_the_bad_values():
 def test_driver_and_report_end_to_end_on_a_tiny_modulus(tmp_path):
     cmd = [sys.executable, str(REPO / "train" / "grokking_tickets.py"), "--arch", "mlp", "--p", "7", "--max-steps",
            "30", "--dense-patience", "5", "--patience", "5", "--eval-every", "5", "--out", str(tmp_path), "--runs", "dense", "ticket", "random",
-           "ticket-wd0", "ticket-local", "ticket-newinit"]
+           "ticket-wd0", "ticket-local", "ticket-newinit", "ticket-delta"]
     subprocess.run(cmd, check=True, capture_output=True, cwd=REPO)
     subprocess.run(cmd[:2] + ["--report", "--out", str(tmp_path)], check=True, capture_output=True, cwd=REPO)
     res = json.loads((tmp_path / "results.json").read_text())
     runs = {r["run"] for r in res["rows"]}
-    assert {"dense", "ticket", "ticket-wd0", "random", "ticket-local", "ticket-newinit"} <= runs
+    assert {"dense", "ticket", "ticket-wd0", "random", "ticket-local", "ticket-newinit", "ticket-delta"} <= runs
     dens = {r["run"]: r["density"] for r in res["rows"]}
     assert dens["random"] == pytest.approx(dens["ticket"]) and dens["dense"] == 1.0
     assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG" and "| mlp, P=7, 40 % train |" in (tmp_path / "results.md").read_text()

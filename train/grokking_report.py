@@ -11,9 +11,10 @@ from pathlib import Path
 
 LABELS = {"dense": "dense (wd 1)", "ticket": "ticket (wd 1)", "ticket-wd0": "ticket (wd 0)",
           "random": "random mask, same density (wd 1)", "memorized": "ticket from the memorising net (wd 1)",
-          "ticket-local": "ticket, per-tensor top-k (wd 1)", "ticket-newinit": "ticket mask on a new init (wd 1)"}
+          "ticket-local": "ticket, per-tensor top-k (wd 1)", "ticket-newinit": "ticket mask on a new init (wd 1)",
+          "ticket-delta": "delta mode: top |W_T-W_0| trains, rest frozen at W_0 (wd 0)"}
 COLORS = {"dense": "black", "ticket": "tab:red", "ticket-wd0": "tab:orange", "random": "tab:blue",
-          "memorized": "tab:green", "ticket-local": "tab:purple", "ticket-newinit": "tab:brown"}
+          "memorized": "tab:green", "ticket-local": "tab:purple", "ticket-newinit": "tab:brown", "ticket-delta": "tab:olive"}
 
 
 def steps_to(hist: dict, threshold: float = 0.95) -> int | None:

@@ -12,7 +12,8 @@ ticket, not the decay, removes the delay); (4) `random`: a uniformly random mask
 rewound to W_0, weight decay 1; (5) `memorized`: a magnitude ticket taken instead from the dense network at the
 step it first fits the whole training set (before it generalises), the paper's "non-grokked" ticket. On
 request: `ticket-local` (the top --keep of each tensor, not global) and `ticket-newinit` (the ticket's mask on a
-different random init: does the mask alone carry the speed-up?). Every run
+different random init: does the mask alone carry the speed-up?) and `ticket-delta` (pmod.peft.ticket's default
+mode for pretrained models: the top |W_T - W_0|, W_0 kept everywhere, only the kept entries train, decay 0). Every run
 but (1) stops `--patience` steps after 95 % or at `--cap` x the dense run's steps to 95 % (default 1: a run
 that is not faster than dense is cut there; this bounds the CPU time). Writes runs-<arch>.json into --out.
 """
@@ -36,7 +37,7 @@ from pmod.grokking import (GrokConfig, build_model, control_mask, density, reviv
 
 OUT = REPO / "eval" / "results" / "grokking-2026-12-02"
 RUNS = ("dense", "ticket", "random", "ticket-wd0", "memorized")  # the key comparison first
-VARIANTS = ("ticket-local", "ticket-newinit")  # diagnostics, on request (--runs)
+VARIANTS = ("ticket-local", "ticket-newinit", "ticket-delta")  # diagnostics, on request (--runs)
 
 
 def write_atomic(path: Path, data: str | bytes) -> None:
@@ -87,6 +88,9 @@ def one_seed(arch: str, seed: int, args: argparse.Namespace, save=None) -> dict:
     local = {n: ticket_mask({n: w}, args.keep)[n] for n, w in trained.items()}  # per-tensor threshold
     plans["ticket-local"] = (revive_dead_neurons(local) if arch == "mlp" and args.revive else local, base.weight_decay)
     plans["ticket-newinit"] = (ticket, base.weight_decay)  # the mask on a different random init
+    # pmod.peft.ticket's default `delta` mode (for pretrained models): score |W_T - W_0|, keep W_0 everywhere,
+    # train only the kept entries, weight decay 0 (that mode forbids decay: it would move the frozen entries)
+    plans["ticket-delta"] = (ticket_mask({n: trained[n] - init[n] for n in trained}, args.keep), 0.0)
     if "memorized" in snap:
         plans["memorized"] = (masks_from(snap["memorized"]["state"]), base.weight_decay)
         out["memorized_at"] = {"step": snap["memorized"]["step"], "test_acc": snap["memorized"]["test_acc"]}
@@ -105,7 +109,7 @@ def one_seed(arch: str, seed: int, args: argparse.Namespace, save=None) -> dict:
         start = init
         if name == "ticket-newinit":
             start = {n: t.detach() for n, t in build_model(dataclasses.replace(cfg, seed=cfg.seed + 1000)).named_parameters()}
-        rewind(m, start, mask)
+        rewind(m, start, None if name == "ticket-delta" else mask)  # delta: nothing is zeroed
         t0 = time.time()
         h = train(m, cfg, masks=mask, data=data, stop_at=0.95, stop_patience=args.patience,
                   on_eval=lambda st, hi, name=name: progress(st, hi, name))
