@@ -12,7 +12,7 @@ from pathlib import Path
 LABELS = {"dense": "dense (wd 1)", "ticket": "ticket (wd 1)", "ticket-wd0": "ticket (wd 0)",
           "random": "random mask, same density (wd 1)", "memorized": "ticket from the memorising net (wd 1)",
           "ticket-local": "ticket, per-tensor top-k (wd 1)", "ticket-newinit": "ticket mask on a new init (wd 1)",
-          "ticket-delta": "delta mode: top |W_T-W_0| trains, rest frozen at W_0 (wd 0)"}
+          "ticket-delta": "delta mode: top Δ=W_T-W_0 trains, rest frozen at W_0 (wd 0)"}
 COLORS = {"dense": "black", "ticket": "tab:red", "ticket-wd0": "tab:orange", "random": "tab:blue",
           "memorized": "tab:green", "ticket-local": "tab:purple", "ticket-newinit": "tab:brown", "ticket-delta": "tab:olive"}
 
@@ -75,11 +75,13 @@ def plot(seeds: list[dict]) -> bytes:
     fig, axes = plt.subplots(1, len(archs), figsize=(7 * len(archs), 4.6), squeeze=False)
     for ax, arch in zip(axes[0], archs):
         group = [s for s in seeds if setting(s) == arch]
+        seen: set[str] = set()  # one legend entry per run, also for runs only a later seed has
         for i, s in enumerate(sorted(group, key=lambda s: s["seed"])):
             for name, r in s["runs"].items():
                 h = r["hist"]
                 ax.plot(h["step"], [100 * a for a in h["test_acc"]], color=COLORS[name], lw=1.4 if i == 0 else 0.8,
-                        alpha=1 if i == 0 else 0.45, label=LABELS[name] if i == 0 else None)
+                        alpha=1 if i == 0 else 0.45, label=None if name in seen else LABELS[name])
+                seen.add(name)
                 if name == "dense" and i == 0:
                     ax.plot(h["step"], [100 * a for a in h["train_acc"]], color="gray", ls=":", lw=1, label="dense, train acc")
         ax.axhline(95, color="gray", lw=0.6, ls="--")
