@@ -16,7 +16,7 @@ from torch import nn
 from pmod.attention import AttentionBackend
 from pmod.cache import PmodCache
 from pmod.config import TextConfig
-from pmod.modeling.rope import apply_rope
+from pmod.modeling.rope import apply_rope_tables
 from pmod.packing import Varlen
 
 __all__ = ["RMSNorm", "MLP", "Attention", "DecoderLayer", "AttnContext"]
@@ -29,10 +29,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32, scale in the input dtype (LLaMA's convention).
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # Normalise in float32, scale in the input dtype (LLaMA's convention); one fused op in float32.
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 class MLP(nn.Module):
@@ -71,8 +71,9 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
         N = x.shape[0]
-        q = apply_rope(self.q_proj(x).view(N, self.H, self.D), cos, sin)  # [N, H, D]
-        k = apply_rope(self.k_proj(x).view(N, self.G, self.D), cos, sin)  # [N, G, D]
+        # cos, sin: `rope_tables` [N, 1, 2, D/2]
+        q = apply_rope_tables(self.q_proj(x).view(N, self.H, 2, self.D // 2), cos, sin)  # [N, H, D]
+        k = apply_rope_tables(self.k_proj(x).view(N, self.G, 2, self.D // 2), cos, sin)  # [N, G, D]
         v = self.v_proj(x).view(N, self.G, self.D)  # [N, G, D]
         if ctx.decode:  # N = B rows, one new token each
             k_cache, v_cache, seqlens, uniform = ctx.cache.append(self.layer_idx, k, v)
