@@ -17,7 +17,8 @@ import torch
 from . import reference
 from .reference import ELEMENTWISE_NORMS
 
-__all__ = ["BACKENDS", "ELEMENTWISE_NORMS", "gather_rows", "pick_backend", "router_weights", "string_merge"]
+__all__ = ["BACKENDS", "ELEMENTWISE_NORMS", "gather_rows", "pick_backend", "route", "router_weights", "string_merge",
+           "string_merge_op"]
 
 BACKENDS = ("torch", "triton")
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -101,3 +102,6 @@ def string_merge(
     from .triton_merge import StringMerge
 
     return StringMerge.apply(x, w_tok, idx, h_mid, m)
+
+
+from .ops import route, string_merge_op  # noqa: E402  (registers pmod::route, pmod::string_merge)

@@ -9,10 +9,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ELEMENTWISE_NORMS", "gather_rows", "router_weights", "string_merge"]
+from pmod.routing import ELEMENTWISE_NORMS, elementwise_norm, normalize_router_logits
 
-# Router weight normalisations that act token by token (softmax over a row's vision tokens does not).
-ELEMENTWISE_NORMS = ("tanh", "sigmoid", "none")
+__all__ = ["ELEMENTWISE_NORMS", "gather_rows", "router_weights", "router_weights_rowwise", "string_merge"]
 
 
 def router_weights(
@@ -31,15 +30,33 @@ def router_weights(
     `pmod.routing.normalize_router_logits`, so the values are bit-identical to mod.py's at valid slots.
     """
     r = F.linear(x.index_select(0, rows), weight.view(1, -1), bias).squeeze(-1)  # [Nv]
-    if norm == "tanh":
-        f = torch.tanh(r)
-    elif norm == "sigmoid":
-        f = torch.sigmoid(r)
-    elif norm == "none":
-        f = r
-    else:
-        raise ValueError(f"router norm {norm!r} is not elementwise; expected one of {ELEMENTWISE_NORMS}")
-    return f * scale + shift
+    return elementwise_norm(r, norm, scale, shift)
+
+
+def router_weights_rowwise(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    vision_dest: torch.Tensor,
+    vision_slots: torch.Tensor,
+    vision_flat: torch.Tensor,
+    norm: str = "tanh",
+    scale: float = 0.2,
+    shift: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router weights for any norm (softmax too, which normalises over a row's vision tokens).
+
+    vision_dest [Nv] packed index of each vision token; vision_slots [B, V] (N = x.shape[0] where padded);
+    vision_flat [Nv] flat [B, V] index. Returns (w_v [Nv] in vision_dest order, w [B, V], 0 on padding).
+    """
+    if norm in ELEMENTWISE_NORMS:
+        w_v = router_weights(x, weight, bias, vision_dest, norm, scale, shift)
+        B, V = vision_slots.shape
+        return w_v, w_v.new_zeros(B * V).index_copy(0, vision_flat, w_v).view(B, V)
+    r_v = F.linear(x.index_select(0, vision_dest), weight.view(1, -1), bias).squeeze(-1)  # [Nv]
+    r = r_v.new_zeros(vision_slots.numel()).index_copy(0, vision_flat, r_v).view(vision_slots.shape)  # [B, V]
+    w = normalize_router_logits(r, vision_slots < x.shape[0], norm, scale, shift)  # [B, V]
+    return w.view(-1).index_select(0, vision_flat), w
 
 
 def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

@@ -73,18 +73,31 @@ class PmodCache:
         need = hi + 1
         if need > self.k[layer].shape[self.slot_dim]:
             self._grow(layer, max(need, 2 * self.k[layer].shape[self.slot_dim]))
-        kc, vc = self.slots(self.k[layer]), self.slots(self.v[layer])
         if lo == hi:  # one host-known slot for every row: a plain strided copy, no index tensors
-            kc[:, hi] = k
-            vc[:, hi] = v
+            self.k[layer].select(self.slot_dim, hi).copy_(k)
+            self.v[layer].select(self.slot_dim, hi).copy_(v)
         else:
+            kc, vc = self.slots(self.k[layer]), self.slots(self.v[layer])
             rows = torch.arange(self.batch_size, device=k.device)
             kc[rows, self.seqlens[layer]] = k
             vc[rows, self.seqlens[layer]] = v
-        self.seqlens[layer] = self.seqlens[layer] + 1  # a new tensor: callers may hold the old one (bench rewinds)
+        self.seqlens[layer] = self._bumped(self.seqlens[layer])
         self.lengths[layer] = [n + 1 for n in lens]
         k_all, v_all = self.k[layer].narrow(self.slot_dim, 0, need), self.v[layer].narrow(self.slot_dim, 0, need)
         return k_all, v_all, self.seqlens[layer], lo == hi
+
+    def _bumped(self, seqlens: torch.Tensor) -> torch.Tensor:
+        """seqlens + 1 as a new tensor (callers may hold the old one: bench rewinds), computed once per step for
+        the layers that share a lengths tensor (every dense layer, every MoD layer of one ratio)."""
+        memo = self.__dict__.setdefault("_bump_memo", {})
+        hit = memo.get(id(seqlens))
+        if hit is not None and hit[0] is seqlens:
+            return hit[1]
+        if len(memo) > 4 * self.num_layers:  # entries of past steps: their old tensors are not asked for again
+            memo.clear()
+        new = seqlens + 1
+        memo[id(seqlens)] = (seqlens, new)
+        return new
 
     # --- static mode (CUDA graphs) ---------------------------------------------------------------
     def make_static(self, steps: int) -> None:

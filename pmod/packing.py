@@ -33,7 +33,8 @@ def upload(arrays: dict[str, np.ndarray], device: torch.device | str) -> dict[st
         buf = buf.to(dev)
     out, start = {}, 0
     for (name, a), f in zip(arrays.items(), flat):
-        out[name] = buf[start : start + f.size].view(np.shape(a))
+        t = buf[start : start + f.size]
+        out[name] = t if np.ndim(a) == 1 else t.view(np.shape(a))  # no view op for the 1-D ones
         start += f.size
     return out
 

@@ -7,7 +7,23 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["normalize_router_logits", "select_top_k"]
+__all__ = ["ELEMENTWISE_NORMS", "elementwise_norm", "normalize_router_logits", "select_top_k"]
+
+# Router weight normalisations that act token by token (softmax over a row's vision tokens does not).
+ELEMENTWISE_NORMS = ("tanh", "sigmoid", "none")
+
+
+def elementwise_norm(r: torch.Tensor, kind: str = "tanh", scale: float = 0.2, bias: float = 1.0) -> torch.Tensor:
+    """w = scale * f(r) + bias for f in ELEMENTWISE_NORMS (token by token; any shape)."""
+    if kind == "tanh":
+        f = torch.tanh(r)
+    elif kind == "sigmoid":
+        f = torch.sigmoid(r)
+    elif kind == "none":
+        f = r
+    else:
+        raise ValueError(f"router norm {kind!r} is not elementwise; expected one of {ELEMENTWISE_NORMS}")
+    return f * scale + bias
 
 
 def normalize_router_logits(
@@ -17,16 +33,11 @@ def normalize_router_logits(
 
     r, valid: [B, V]; invalid slots (padding of shorter rows) get w = 0 and never influence softmax.
     """
-    if kind == "tanh":
-        f = torch.tanh(r)
-    elif kind == "sigmoid":
-        f = torch.sigmoid(r)
-    elif kind == "softmax":
-        f = torch.softmax(r.masked_fill(~valid, float("-inf")), dim=-1).nan_to_num(0.0)
-    elif kind == "none":
-        f = r
-    else:
+    if kind in ELEMENTWISE_NORMS:
+        return elementwise_norm(r, kind, scale, bias).masked_fill(~valid, 0.0)
+    if kind != "softmax":
         raise ValueError(f"unknown router norm {kind!r}; expected tanh, sigmoid, softmax or none")
+    f = torch.softmax(r.masked_fill(~valid, float("-inf")), dim=-1).nan_to_num(0.0)
     return (f * scale + bias).masked_fill(~valid, 0.0)
 
 

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 import pmod
-from pmod.modeling.rope import apply_rope
+from pmod.modeling.rope import apply_rope_tables as apply_rope  # the layers get `rope_tables`
 from pmod.packing import IMAGE_TOKEN_INDEX
 from pmod.tools.synthetic import SHAPES
 

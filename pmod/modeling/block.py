@@ -17,7 +17,7 @@ from pmod.attention import AttentionBackend
 from pmod.attention.extend import extend_attention
 from pmod.cache import PmodCache
 from pmod.config import TextConfig
-from pmod.modeling.rope import apply_rope
+from pmod.modeling.rope import apply_rope_tables
 from pmod.packing import Varlen
 
 __all__ = ["RMSNorm", "MLP", "Attention", "DecoderLayer", "AttnContext"]
@@ -30,10 +30,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32, scale in the input dtype (LLaMA's convention).
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # Normalise in float32, scale in the input dtype (LLaMA's convention); one fused op in float32.
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 class MLP(nn.Module):
@@ -76,11 +76,14 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
         N = x.shape[0]
-        q = self.q_proj(x).view(N, self.H, self.D)  # [N, H, D]
-        k = self.k_proj(x).view(N, self.G, self.D)  # [N, G, D]
-        if hasattr(self, "q_norm"):
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # cos, sin: `rope_tables` [N, 1, 2, D/2]
+        if hasattr(self, "q_norm"):  # Qwen3: per-head RMSNorm before RoPE
+            q = self.q_norm(self.q_proj(x).view(N, self.H, self.D))  # [N, H, D]
+            k = self.k_norm(self.k_proj(x).view(N, self.G, self.D))  # [N, G, D]
+        else:  # viewed as halves at once: one operator fewer per projection in every decode step
+            q = self.q_proj(x).view(N, self.H, 2, self.D // 2)
+            k = self.k_proj(x).view(N, self.G, 2, self.D // 2)
+        q, k = apply_rope_tables(q, cos, sin), apply_rope_tables(k, cos, sin)  # [N, H, D], [N, G, D]
         v = self.v_proj(x).view(N, self.G, self.D)  # [N, G, D]
         if ctx.decode:  # N = B rows, one new token each
             k_cache, v_cache, seqlens, uniform = ctx.cache.append(self.layer_idx, k, v)

@@ -12,9 +12,9 @@ from torch.utils.checkpoint import checkpoint
 
 from pmod.config import PmodConfig
 from pmod.modeling.block import AttnContext, DecoderLayer, RMSNorm
-from pmod.modeling.mod import RoutingRecord, mod_layer_forward
+from pmod.modeling.mod import RouteSpec, RoutingRecord, mod_layer_forward
 from pmod.modeling.mrope import mrope_cos_sin
-from pmod.modeling.rope import rope_cos_sin, rope_inv_freq
+from pmod.modeling.rope import rope_cos_sin, rope_inv_freq, rope_tables, tables_from_cos_sin
 from pmod.packing import Layout
 
 __all__ = ["LanguageModel"]
@@ -30,17 +30,29 @@ class LanguageModel(nn.Module):
         self.norm = RMSNorm(t.hidden_size, t.rms_norm_eps)
         self.ratios = config.mod_ratios  # {layer: ratio}
         self.routers = nn.ModuleDict({str(i): nn.Linear(t.hidden_size, 1, bias=config.mod.router_bias) for i in self.ratios})
+        m = config.mod
+        self.route_specs = {i: RouteSpec(i, r, m.norm, m.norm_scale, m.norm_bias) for i, r in self.ratios.items()}
+        self.kernel_backend = "auto"  # pmod_kernels backend of the MoD ops: "auto", "torch" or "triton"
         self.gradient_checkpointing = False
         self._inv_freq: dict[torch.device, torch.Tensor] = {}
 
+    def inv_freq(self, device: torch.device) -> torch.Tensor:
+        if device not in self._inv_freq:  # computed lazily: the module may have been built on the meta device
+            self._inv_freq[device] = rope_inv_freq(self.config.text, device)
+        return self._inv_freq[device]
+
     def rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        dev = position_ids.device
-        if dev not in self._inv_freq:  # computed lazily: the module may have been built on the meta device
-            self._inv_freq[dev] = rope_inv_freq(self.config.text, dev)
+        """cos, sin [N, D] (what scripts hooking the attention use with `apply_rope`); position_ids [3, N]: M-RoPE."""
         if position_ids.dim() == 2:  # [3, N]: M-RoPE
             t = self.config.text
-            return mrope_cos_sin(position_ids, self._inv_freq[dev], t.mrope_section, dtype, t.mrope_interleaved)
-        return rope_cos_sin(position_ids, self._inv_freq[dev], dtype)
+            return mrope_cos_sin(position_ids, self.inv_freq(position_ids.device), t.mrope_section, dtype, t.mrope_interleaved)
+        return rope_cos_sin(position_ids, self.inv_freq(position_ids.device), dtype)
+
+    def rope_tables(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layers' RoPE inputs: cos, signed sin [N, 1, 2, D/2] (`pmod.modeling.rope.rope_tables`)."""
+        if position_ids.dim() == 2:  # M-RoPE: its cos/sin [N, D] laid out as tables (exact)
+            return tables_from_cos_sin(*self.rope(position_ids, dtype))
+        return rope_tables(position_ids, self.inv_freq(position_ids.device), dtype)
 
     def _run(self, fn, *args):
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
@@ -49,22 +61,22 @@ class LanguageModel(nn.Module):
 
     def forward(self, x: torch.Tensor, layout: Layout, ctx: AttnContext, record: bool = True) -> tuple[torch.Tensor, list[RoutingRecord]]:
         """Prefill or training over packed tokens x [N, C]; returns the final-normed hidden states."""
-        cos, sin = self.rope(layout.position_ids if layout.rope_positions is None else layout.rope_positions, x.dtype)
+        cos, sin = self.rope_tables(layout.position_ids if layout.rope_positions is None else layout.rope_positions, x.dtype)
         records: list[RoutingRecord] = []
         route = layout.has_vision
         if route:
             layout.prepare_routes(self.ratios.values())  # every layer's plan in one host-to-device copy
         for i, layer in enumerate(self.layers):
-            x = x.to(layer.input_layernorm.weight.device)
+            x, cos, sin = _to(layer, x, cos, sin)
             router = self.routers[str(i)] if (route and str(i) in self.routers) else None
             if router is None:
-                x = self._run(layer, x, cos.to(x.device), sin.to(x.device), ctx)
+                x = self._run(layer, x, cos, sin, ctx)
                 if layout.inject is not None and i in layout.inject:
                     x = x.index_add(0, layout.vision_dest, layout.inject[i].to(x.dtype))
                 continue
-            def step(x, layer=layer, router=router, i=i):
-                return mod_layer_forward(layer, router, i, self.ratios[i], self.config.mod, x, cos, sin, layout, ctx, record)
-            x, rec = self._run(step, x)
+            def step(x, cos, sin, layer=layer, router=router, spec=self.route_specs[i]):
+                return mod_layer_forward(layer, router, spec, x, cos, sin, layout, ctx, record, self.kernel_backend)
+            x, rec = self._run(step, x, cos, sin)
             if rec is not None:
                 records.append(rec)
             if layout.inject is not None and i in layout.inject:  # DeepStack: after a dense or MoD layer alike
@@ -73,7 +85,14 @@ class LanguageModel(nn.Module):
 
     def decode(self, x: torch.Tensor, positions: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
         """One decode step: x [B, C] text tokens at `positions` [B]; every layer runs dense."""
-        cos, sin = self.rope(positions, x.dtype)
+        cos, sin = self.rope_tables(positions, x.dtype)
         for layer in self.layers:
-            x = layer(x.to(layer.input_layernorm.weight.device), cos.to(x.device), sin.to(x.device), ctx)
+            x, cos, sin = _to(layer, x, cos, sin)
+            x = layer(x, cos, sin, ctx)
         return self.norm(x)
+
+
+def _to(layer: DecoderLayer, *ts: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Tensors moved to the layer's device (a model split over devices); no operator when they are there."""
+    dev = layer.input_layernorm.weight.device
+    return ts if ts[0].device == dev else tuple(t.to(dev) for t in ts)

@@ -287,12 +287,15 @@ class PmodForConditionalGeneration(nn.Module):
         if cache.heads_first != backend.heads_first_cache:
             raise ValueError(f"this cache was filled for a {'heads-first' if cache.heads_first else 'slots-first'} backend; "
                              f"attention backend {backend.name!r} reads the other layout: prefill again with it")
-        x = self.language_model.embed_tokens(token_ids.to(self.device))  # [B, C]
+        if token_ids.device != self.device:
+            token_ids = token_ids.to(self.device)
+        x = self.language_model.embed_tokens(token_ids)  # [B, C]
         ctx = AttnContext(backend, cache=cache, decode=True)
         with backend.scope(x.device):
             h = self.language_model.decode(x, cache.positions, ctx)
         cache.advance_positions()
-        return self.lm_head(h).float()
+        logits = self.lm_head(h)  # [B, V]
+        return logits if logits.dtype == torch.float32 else logits.float()
 
     def generate(self, input_ids: torch.Tensor, images=None, image_sizes=None, attention_mask=None, **kwargs) -> torch.Tensor:
         """Generate new tokens [B, n_new]; see `pmod.generate.generate` for the options."""

@@ -11,7 +11,7 @@ import torch
 
 from pmod.config import TextConfig
 
-__all__ = ["rope_inv_freq", "rope_cos_sin", "apply_rope"]
+__all__ = ["rope_inv_freq", "rope_cos_sin", "apply_rope", "rope_tables", "tables_from_cos_sin", "apply_rope_tables"]
 
 
 def rope_inv_freq(cfg: TextConfig, device: torch.device | str | None = None) -> torch.Tensor:
@@ -45,3 +45,30 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos[:, None] + rotated * sin[:, None]
+
+
+def rope_tables(position_ids: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """position_ids [N] -> (cos, signed sin (-sin_lo, sin_hi)) [N, 1, 2, D/2] in `dtype`: `rope_cos_sin`'s values
+    (float32 math, as transformers does), laid out so that `apply_rope_tables` is four operators
+    (rotate_half(x) * sin == swap_halves(x) * signed sin exactly). Built once per forward / decode step."""
+    f = position_ids.float()[:, None] * inv_freq  # [N, D/2]
+    c, s = f.cos(), f.sin()
+    cos, sin = torch.stack((c, c), 1), torch.stack((-s, s), 1)  # [N, 2, D/2]
+    if dtype != torch.float32:
+        cos, sin = cos.to(dtype), sin.to(dtype)
+    return cos[:, None], sin[:, None]
+
+
+def tables_from_cos_sin(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [N, D] (any RoPE variant, M-RoPE included) -> `rope_tables`' layout [N, 1, 2, D/2]: the same values."""
+    N, D = cos.shape
+    c, s = cos.view(N, 2, D // 2), sin.view(N, 2, D // 2)
+    return c[:, None], torch.stack((-s[:, 0], s[:, 1]), 1)[:, None]
+
+
+def apply_rope_tables(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """`apply_rope` over `rope_tables`: x [N, h, D] or [N, h, 2, D/2]; cos, sin_signed [N, 1, 2, D/2]. Returns [N, h, D]."""
+    N, h = x.shape[:2]
+    if x.dim() == 3:
+        x = x.view(N, h, 2, -1)  # (x_lo, x_hi) on dim 2
+    return torch.addcmul(x * cos, x.flip(2), sin_signed).view(N, h, -1)  # x * cos + swapped * sin, one op fewer
