@@ -104,4 +104,9 @@ def string_merge(
     return StringMerge.apply(x, w_tok, idx, h_mid, m)
 
 
-from .ops import route, string_merge_op  # noqa: E402  (registers pmod::route, pmod::string_merge)
+from . import ops  # noqa: E402  (registers pmod::route, pmod::string_merge)
+
+# What the MoD layer calls: the registered operators with PMOD_FUSED_OPS=1, else their bodies as plain functions
+# (the reason is in ops.py). The operators themselves stay reachable as ops.route / ops.string_merge_op.
+route = ops.route if ops.FUSED else ops.route_eager
+string_merge_op = ops.string_merge_op if ops.FUSED else ops.string_merge_eager

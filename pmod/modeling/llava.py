@@ -109,6 +109,17 @@ class PmodForConditionalGeneration(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.language_model.embed_tokens.weight.dtype
 
+    @property
+    def kernel_backend(self) -> str:
+        """Kernels of the MoD ops: "auto" (Triton on CUDA when importable, else PyTorch), "torch" or "triton"."""
+        return self.language_model.kernel_backend
+
+    @kernel_backend.setter
+    def kernel_backend(self, value: str) -> None:
+        if value not in ("auto", "torch", "triton"):
+            raise ValueError(f"kernel_backend={value!r}; expected 'auto', 'torch' or 'triton'")
+        self.language_model.kernel_backend = value
+
     def gradient_checkpointing_enable(self) -> None:
         self.language_model.gradient_checkpointing = True
 
