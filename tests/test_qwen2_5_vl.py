@@ -40,14 +40,15 @@ def pixels(gh, gw, seed=0):
 
 
 def hf_inputs(ids: torch.Tensor, imgs: list[torch.Tensor]):
-    """Our row (one -200 per image, no padding) -> transformers' input_ids, mm_token_type_ids, pixel_values, grid."""
+    """Our row (one -200 per image, no padding) -> transformers' input_ids, mm_token_type_ids, pixel_values, grid.
+    Images are [1, gh, gw, M*M, values per patch] (Qwen2.5-VL and Qwen3-VL alike: both merge 2x2, image token 150)."""
     out, it = [], iter(imgs)
     for t in ids[0].tolist():
         out += [IMG] * int(np.prod(next(it).shape[:3])) if t == pmod.IMAGE_TOKEN_INDEX else [t]
     hids = torch.tensor([out])
     kw = {"input_ids": hids, "attention_mask": torch.ones_like(hids), "mm_token_type_ids": (hids == IMG).int()}
     if imgs:
-        kw["pixel_values"] = torch.cat([x.reshape(-1, DP) for x in imgs])
+        kw["pixel_values"] = torch.cat([x.reshape(-1, x.shape[-1]) for x in imgs])  # [patches, values per patch]
         kw["image_grid_thw"] = torch.tensor([[x.shape[0], x.shape[1] * M, x.shape[2] * M] for x in imgs])
     return kw
 

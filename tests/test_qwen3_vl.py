@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_batch
+from test_qwen2_5_vl import hf_inputs  # the same token / pixel layout (2x2 merge, image token 150)
 
 import pmod
 from pmod.config import ModConfig
@@ -38,18 +39,6 @@ def tiny_qwen3_hf(folder, seed=0):
 
 def pixels(gh, gw, seed=0):
     return torch.randn(1, gh, gw, M * M, DP, generator=torch.Generator().manual_seed(seed))
-
-
-def hf_inputs(ids, imgs):
-    out, it = [], iter(imgs)
-    for t in ids[0].tolist():
-        out += [IMG] * int(np.prod(next(it).shape[:3])) if t == pmod.IMAGE_TOKEN_INDEX else [t]
-    hids = torch.tensor([out])
-    kw = {"input_ids": hids, "attention_mask": torch.ones_like(hids), "mm_token_type_ids": (hids == IMG).int()}
-    if imgs:
-        kw["pixel_values"] = torch.cat([x.reshape(-1, DP) for x in imgs])
-        kw["image_grid_thw"] = torch.tensor([[x.shape[0], x.shape[1] * M, x.shape[2] * M] for x in imgs])
-    return kw
 
 
 @pytest.fixture(scope="module")
