@@ -250,3 +250,10 @@ def dataclass_replace(preset, **kw):
     import dataclasses
 
     return dataclasses.replace(preset, **kw)
+
+
+def test_the_7b_bench_runs_the_released_7b_decoder():
+    """gpu-7b is LLaVA-1.5-7B's decoder as `PmodConfig.from_name` gives it (layer count, widths, heads, vocabulary)."""
+    from pmod.config import PmodConfig
+
+    assert bench.PRESETS["gpu-7b"].config().text == PmodConfig.from_name("llava-1.5-7b").text
