@@ -11,4 +11,6 @@ from pmod.bench.section_prefill import _routing_nontrivial, bench_prefill, ideal
 from pmod.bench.section_decode import bench_decode  # noqa: F401  (decode)
 from pmod.bench.section_hf import StepClock, bench_hf_decode, bench_hf_prefill, floor_step  # noqa: F401  (hf_*)
 from pmod.bench.section_batching import bench_batching, bench_packing  # noqa: F401  (batching, packing)
+from pmod.bench.section_train import bench_train_step  # noqa: F401  (train_step, an extra)
+from pmod.bench.section_kernels import bench_kernels  # noqa: F401  (kernels, an extra)
 # isort: on
