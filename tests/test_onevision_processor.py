@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import vlm_common
 from test_onevision import IMG, PINS_HW, S, tiny_onevision_hf
 from vlm_common import picture, word_tokenizer
 
@@ -37,18 +38,7 @@ def processors(tmp_path_factory):
 
 
 def collapse(ids: list[int], counts: list[int]) -> list[int]:
-    """transformers' runs of <image> ids (counts[i] for image i) -> our one IMAGE_TOKEN_INDEX per image."""
-    out, i, it = [], 0, iter(counts)
-    while i < len(ids):
-        if ids[i] == IMG:
-            n = next(it)
-            assert ids[i : i + n] == [IMG] * n
-            out.append(pmod.IMAGE_TOKEN_INDEX)
-            i += n
-        else:
-            out.append(ids[i])
-            i += 1
-    return out
+    return vlm_common.collapse(ids, counts, IMG)
 
 
 @pytest.mark.parametrize("size_wh", [(97, 45), (37, 101), (130, 129), (300, 41)])

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import vlm_common
 from test_qwen2_5_vl import DP, IMG, VEND, VSTART, tiny_qwen_hf
 from vlm_common import picture, word_tokenizer
 
@@ -36,17 +37,7 @@ def processors(tmp_path_factory):
 
 
 def collapse(ids: list[int], counts: list[int]) -> list[int]:
-    out, i, it = [], 0, iter(counts)
-    while i < len(ids):
-        if ids[i] == IMG:
-            n = next(it)
-            assert ids[i : i + n] == [IMG] * n
-            out.append(pmod.IMAGE_TOKEN_INDEX)
-            i += n
-        else:
-            out.append(ids[i])
-            i += 1
-    return out
+    return vlm_common.collapse(ids, counts, IMG)
 
 
 @pytest.mark.parametrize("sizes", [[(97, 45)], [(300, 41)], [(500, 500)], [(20, 30)], [(61, 150), (333, 77)]])

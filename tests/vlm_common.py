@@ -47,6 +47,21 @@ def word_tokenizer(vocab: dict[str, int], specials: list[str]):
     return fast
 
 
+def collapse(ids: list[int], counts: list[int], image_id: int) -> list[int]:
+    """transformers' runs of image ids (counts[i] for image i) -> our one IMAGE_TOKEN_INDEX per image."""
+    out, i, it = [], 0, iter(counts)
+    while i < len(ids):
+        if ids[i] == image_id:
+            n = next(it)
+            assert ids[i : i + n] == [image_id] * n
+            out.append(pmod.IMAGE_TOKEN_INDEX)
+            i += n
+        else:
+            out.append(ids[i])
+            i += 1
+    return out
+
+
 def assert_greedy_matches(hf, ours, hf_kwargs: dict, ours_kwargs: dict, n: int = 16) -> None:
     """n greedy tokens (eos ignored on both sides) of transformers' generate and ours, equal token for token."""
     with torch.no_grad():
