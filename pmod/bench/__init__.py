@@ -66,10 +66,12 @@ from pmod.bench.sections import (
 )
 from pmod.bench.timing import Timing, machine_info, time_interleaved
 
-SECTIONS = section_names()  # the built-in sections, in run order (more may register later)
+SECTIONS = tuple(n for n in section_names() if get_section(n).default)  # the built-in default run, in order
+EXTRAS = tuple(n for n in section_names() if not get_section(n).default)  # built-in, run when --sections names them
 
 __all__ = [
     "PRESETS",
+    "EXTRAS",
     "SECTIONS",
     "BenchContext",
     "Preset",

@@ -8,7 +8,6 @@ import torch
 
 from pmod.bench.registry import Section, register_section
 from pmod.bench.timing import time_interleaved
-from pmod.bench.train_step import make_batch, step_seconds, trainable_pair
 from pmod.config import ModConfig
 from pmod.flops import count_flops
 
@@ -18,6 +17,9 @@ __all__ = ["bench_train_step"]
 def bench_train_step(ctx) -> dict:
     """The `train_step` section: p-MoD (PRD) vs dense training steps on the preset's shapes (batch 2, one image per
     row), interleaved. Its own models: the bench's shared ones are frozen for inference."""
+    # imported here, not at the top: `python -m pmod.bench.train_step` must not find itself imported by the package
+    from pmod.bench.train_step import make_batch, step_seconds, trainable_pair
+
     p, device, batch_size = ctx.preset, torch.device(ctx.device), 2
     with torch.inference_mode(False), torch.enable_grad():
         configs = {"dense": p.config(), "p-MoD": p.config(ModConfig())}
