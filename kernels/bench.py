@@ -4,6 +4,7 @@
 
 Shapes default to a LLaVA-1.5-7B batch (4 rows of 100 text + 576 vision tokens, C = 4096, half the vision kept).
 On CUDA both backends run; elsewhere only the reference. Prints one line per case, then one JSON line.
+The same cases on a bench preset's shapes, interleaved torch vs triton: `pmod bench --sections kernels`.
 Legend: N packed tokens, C hidden size, Nv vision rows, Nk kept rows.
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 
 import pmod_kernels as pk
 
-__all__ = ["bench", "main", "make_case", "time_fwd_bwd", "time_ms"]
+__all__ = ["bench", "cases", "main", "make_case", "time_fwd_bwd", "time_ms"]
 
 
 def make_case(rows: int, text: int, vision: int, ratio: float, hidden: int, dtype: torch.dtype, device: str) -> dict:
@@ -62,7 +63,7 @@ def time_ms(fn, device: str, warmup: int = 3, reps: int = 20) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def _cases(c: dict, backend: str) -> dict:
+def cases(c: dict, backend: str) -> dict:
     """name -> (forward thunk, list of differentiable inputs)."""
     return {
         "router_weights": (
@@ -89,7 +90,7 @@ def time_fwd_bwd(fn, inputs: list[torch.Tensor], device: str) -> dict:
 
 def bench(c: dict, backend: str, device: str) -> dict:
     out = {}
-    for name, (fn, inputs) in _cases(c, backend).items():
+    for name, (fn, inputs) in cases(c, backend).items():
         out[name] = time_fwd_bwd(fn, inputs, device)
         print(f"{name:15s} {backend:6s} fwd {out[name]['fwd_ms']:8.3f} ms  fwd+bwd {out[name]['fwd_bwd_ms']:8.3f} ms")
     return out

@@ -250,3 +250,24 @@ def dataclass_replace(preset, **kw):
     import dataclasses
 
     return dataclasses.replace(preset, **kw)
+
+
+def test_the_7b_bench_runs_the_released_7b_decoder():
+    """gpu-7b is LLaVA-1.5-7B's decoder as `PmodConfig.from_name` gives it (layer count, widths, heads, vocabulary)."""
+    from pmod.config import PmodConfig
+
+    assert bench.PRESETS["gpu-7b"].config().text == PmodConfig.from_name("llava-1.5-7b").text
+
+
+def test_the_extras_run_only_when_named():
+    """`kernels` and `train_step` (the kernels' and the training step's benches, now sections) stay out of the
+    default run and, named, run on the tiny preset: every kernel timed forward and backward, both models stepped."""
+    assert {"kernels", "train_step"} <= set(bench.section_names())
+    assert not {"kernels", "train_step"} & set(bench.section_names("cpu") + bench.section_names("cuda"))
+    res = bench.run_benchmark(bench.resolve_preset("tiny"), "cpu", ["kernels", "train_step"], log=lambda s: None,
+                              progress=False)
+    assert set(res["kernels"]["cases"]) == {"router_weights", "gather_rows", "string_merge"}
+    assert all(v["torch"]["fwd_bwd_ms"] > 0 for v in res["kernels"]["cases"].values())
+    assert res["meta"]["progress"]["kernels"][0] == res["meta"]["progress"]["kernels"][1]  # declared calls were made
+    t = res["train_step"]
+    assert t["dense"]["median_ms"] > 0 and t["pmod"]["median_ms"] > 0 and 0 < t["prefill_flops_ratio"] < 1

@@ -51,14 +51,15 @@ def test_chat_session_through_stdin(checkpoint):
 def _chat(monkeypatch, checkpoint, lines: list[str], *argv: str) -> tuple[int, list[list[dict]]]:
     """Run `pmod chat` in process on `lines`; returns (exit status, the messages of every answered turn)."""
     import pmod.cli as cli
+    import pmod.tools.answer as answers
 
-    seen, answer = [], cli._answer
+    seen, answer = [], answers.answer
 
     def spy(model, processor, messages, images, args, out=None, **kw):
         seen.append([dict(m, images=len(images)) for m in messages])
         return answer(model, processor, messages, images, args, out, **kw)
 
-    monkeypatch.setattr(cli, "_answer", spy)
+    monkeypatch.setattr(answers, "answer", spy)
     monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(lines + ["/quit", ""])))
     return cli.main(["chat", "--model", str(checkpoint), "--device", "cpu", "--max-new-tokens", "2", *argv]), seen
 

@@ -204,12 +204,13 @@ def test_loglikelihood_equals_prefill_then_decode(plugin):
 
 
 def test_unknown_model_args_and_beams_are_refused(setup):
-    from pmod.evaluation.lmms_plugin import PmodLmms, _generation_settings
+    from pmod.evaluation.lmms_plugin import PmodLmms
+    from pmod.evaluation.requests import generation_settings
 
     with pytest.raises(ValueError, match="unknown model_args.*colour"):
         PmodLmms(pretrained=str(setup["ckpt"]), colour="red")
     with pytest.raises(ValueError, match="num_beams=4"):
-        _generation_settings({"num_beams": 4}, 16)
+        generation_settings({"num_beams": 4}, 16)
 
 
 def test_lmms_eval_finds_the_plugin_by_entry_point():

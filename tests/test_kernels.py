@@ -1,4 +1,5 @@
-"""pmod_kernels: the PyTorch references (gradcheck, equality with mod.py's ops) and the Triton kernels against them.
+"""pmod_kernels: the PyTorch references (gradcheck, the MoD layer's calls against float64 math) and the Triton kernels
+against them.
 
 The Triton tests (`test_triton_*`) run on CUDA when there is one; on a CPU-only machine
 `test_kernels_in_interpreter` re-runs them in a subprocess with TRITON_INTERPRET=1, which triton reads when a
@@ -87,24 +88,59 @@ def assert_within_2x(got: torch.Tensor, ref_lowp: torch.Tensor, oracle: torch.Te
 # ---------------------------------------------------------------------------------------------- references
 
 
-def test_references_are_mod_py_ops():
-    """Default (CPU) dispatch is the reference, and the reference is bit for bit what mod.py computes inline."""
-    from pmod.routing import normalize_router_logits
+def _spec_norm(r: torch.Tensor, norm: str, valid_rows: list[list[int]]) -> torch.Tensor:
+    """w = 0.2 f(r) + 1 (PMOD_SPEC §3), written out here, not taken from pmod.routing. r [Nv] float64."""
+    if norm == "softmax":  # over each row's own vision tokens
+        f = torch.cat([torch.softmax(r[ix], 0) for ix in valid_rows])
+    else:
+        f = {"tanh": torch.tanh, "sigmoid": torch.sigmoid, "none": lambda t: t}[norm](r)
+    return 0.2 * f + 1.0
 
-    x, weight, bias, rows = router_inputs(23, 16, "some", dtype=torch.float32)
-    router = torch.nn.Linear(16, 1).to(x.device, x.dtype)
-    with torch.no_grad():
-        router.weight.copy_(weight)
-        router.bias.copy_(bias)
-    r = router(x.index_select(0, rows)).squeeze(-1)  # mod.py: per vision token, then laid out [B, V]
-    want = normalize_router_logits(r[None], torch.ones_like(r, dtype=torch.bool)[None], "tanh", 0.2, 1.0)[0]
+
+@pytest.mark.parametrize("norm", [*pk.ELEMENTWISE_NORMS, "softmax"])
+def test_the_mod_layers_calls_against_float64_math(norm):
+    """What mod.py calls (`pmod_kernels.route`, `pmod_kernels.string_merge_op`, backend 'auto' on a CPU = the
+    reference) on a real two-row Layout with unequal image counts, against the MoD equations in float64: router
+    w = 0.2 f(x W + b) + 1 on vision tokens, 1 on text; each row keeps its kept_count(n_v, ratio) vision tokens of
+    largest w with all its text; out = h_mid + w m on processed tokens and w x on skipped ones. Indices exactly;
+    values at fp32 rounding of the float64 result."""
+    from pmod.packing import IMAGE_TOKEN_INDEX, build_layout
+    from pmod.schedule import kept_count
+
+    g = torch.Generator().manual_seed(5)
+    P, C, ratio = 7, 16, 0.5
+    ids = torch.tensor([[1, 5, IMAGE_TOKEN_INDEX, 6, 7, IMAGE_TOKEN_INDEX, 8], [1, 9, IMAGE_TOKEN_INDEX, 4, 3, 2, 0]])
+    mask = torch.tensor([[1] * 7, [1] * 6 + [0]])
+    layout = build_layout(ids, mask, [P, P, P], "cpu")
+    N = layout.num_tokens
+    x = torch.randn(N, C, generator=g)  # [N, C]
+    weight, bias = torch.randn(1, C, generator=g) / C**0.5, torch.randn(1, generator=g)
+    plan = layout.route(ratio)
     assert pk.pick_backend(x) == ("triton" if x.is_cuda and HAS_TRITON else "torch")
-    assert torch.equal(pk.router_weights(x, router.weight, router.bias, rows, backend="torch"), want)
+    idx, w_tok, kept = pk.route(x, weight, bias, layout.vision_dest, layout.vision_slots, layout.vision_flat,
+                                layout.text_keep(), plan.k_dev, plan.k_max, plan.varlen.total, norm, 0.2, 1.0, "auto")
 
-    x, w, idx, h, m = merge_inputs(23, 16, "some", dtype=torch.bfloat16)
-    want = (x * w[:, None]).index_copy(0, idx, h + w.index_select(0, idx)[:, None] * m)
-    assert torch.equal(pk.string_merge(x, w, idx, h, m, backend="torch"), want)
-    assert torch.equal(pk.gather_rows(x, idx, backend="torch"), x.index_select(0, idx))
+    vision = layout.vision_mask.nonzero().squeeze(1).tolist()  # packed indices of vision tokens, ascending
+    rows = [[t for t in vision if layout.out_index[t] // layout.merged_len == b] for b in range(2)]
+    assert [len(r) for r in rows] == [2 * P, P]
+    r64 = x.double()[vision] @ weight.double()[0] + bias.double()  # [Nv] in packed order
+    pos = {t: i for i, t in enumerate(vision)}
+    w64 = _spec_norm(r64, norm, [[pos[t] for t in row] for row in rows])
+    want_w = torch.ones(N, dtype=torch.float64)
+    want_w[vision] = w64
+    keep = set(range(N)) - set(vision)
+    for row in rows:
+        order = sorted(row, key=lambda t: -w64[pos[t]].item())
+        keep |= set(order[: kept_count(len(row), ratio)])
+    assert idx.tolist() == sorted(keep)
+    torch.testing.assert_close(w_tok.double(), want_w, rtol=1e-6, atol=1e-6)
+    assert sorted(kept[kept < N].tolist()) == sorted(keep & set(vision))
+
+    h_mid, m = torch.randn(len(idx), C, generator=g), torch.randn(len(idx), C, generator=g)  # [Nk, C]
+    out = pk.string_merge_op(x, w_tok, idx, h_mid, m, "auto")
+    want = x.double() * want_w[:, None]
+    want[idx] = h_mid.double() + want_w[idx, None] * m.double()
+    torch.testing.assert_close(out.double(), want, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("norm", pk.ELEMENTWISE_NORMS)

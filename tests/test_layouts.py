@@ -8,6 +8,7 @@ import torch
 from conftest import make_batch, tiny_model
 from safetensors.torch import save_file
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from vlm_common import randomize_and_save
 
 import pmod
 from pmod.config import ModConfig
@@ -21,11 +22,7 @@ def tiny_llava_hf(tmp_path, seed=0):
                      num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5)
     vc = CLIPVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, image_size=42, patch_size=14)
     hf = LlavaForConditionalGeneration(LlavaConfig(text_config=tc, vision_config=vc, image_token_index=IMG_TOKEN)).eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.normal_(0, 0.1) if p.dim() > 1 else p.add_(torch.randn_like(p) * 0.05)
-    hf.save_pretrained(tmp_path)
-    return hf
+    return randomize_and_save(hf, tmp_path)
 
 
 def hf_ids(ids: torch.Tensor, n_feat: int) -> torch.Tensor:
@@ -139,10 +136,7 @@ def test_llava_next_hf_matches_transformers(tmp_path):
     pinpoints = [[42, 84], [84, 42], [84, 84]]
     hf = LlavaNextForConditionalGeneration(LlavaNextConfig(text_config=tc, vision_config=vc, image_token_index=IMG_TOKEN,
                                                            image_grid_pinpoints=pinpoints)).eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.normal_(0, 0.1) if p.dim() > 1 else p.add_(torch.randn_like(p) * 0.05)
-    hf.save_pretrained(tmp_path)
+    randomize_and_save(hf, tmp_path)
     ours = pmod.from_pretrained(tmp_path, dtype=torch.float32)
     assert ours.config.image_aspect_ratio == "anyres" and ours.config.uses_image_newline
     from pmod.multimodal.anyres import grid_shape

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 from conftest import make_batch
+from vlm_common import assert_greedy_matches, randomize_and_save
 
 import pmod
 from pmod.multimodal.anyres import grid_shape
@@ -37,12 +38,7 @@ def tiny_onevision_hf(folder, aspect="anyres_max_9", tie=False, seed=0):
                             patch_size=PATCH, vision_use_head=False)
     cfg = LlavaOnevisionConfig(text_config=tc, vision_config=vc, image_token_index=IMG, video_token_index=111,
                                image_grid_pinpoints=PINS_HW, vision_aspect_ratio=aspect, tie_word_embeddings=tie)
-    hf = LlavaOnevisionForConditionalGeneration(cfg).eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.normal_(0, 0.1) if p.dim() > 1 else p.add_(torch.randn_like(p) * 0.05)
-    hf.save_pretrained(folder)
-    return hf
+    return randomize_and_save(LlavaOnevisionForConditionalGeneration(cfg).eval(), folder)
 
 
 def hf_ids(ids: torch.Tensor, counts: list[int], mask: torch.Tensor | None = None):
@@ -134,11 +130,9 @@ def test_greedy_generation_matches_transformers(pair):
     n = ours.image_token_counts([crops], [size])[0]
     ids, _, _ = make_batch([(4, 1, 5)], vocab=100)
     hids, hmask = hf_ids(ids, [n])
-    with torch.no_grad():
-        ref = hf.generate(input_ids=hids, attention_mask=hmask, pixel_values=crops[None], image_sizes=torch.tensor([size[::-1]]),
-                          max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0)[:, hids.shape[1]:]
-    got = ours.generate(input_ids=ids, images=[crops], image_sizes=[size], max_new_tokens=16, do_sample=False)
-    assert got.tolist() == ref.tolist()
+    assert_greedy_matches(hf, ours, dict(input_ids=hids, attention_mask=hmask, pixel_values=crops[None],
+                                         image_sizes=torch.tensor([size[::-1]])),
+                          dict(input_ids=ids, images=[crops], image_sizes=[size]))
 
 
 def test_tied_embeddings_load(tmp_path):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import vlm_common
 from conftest import make_batch
 from test_onevision import crops_for, tiny_onevision_hf
 
@@ -21,14 +22,7 @@ def folder(tmp_path_factory):
 
 
 def routed(folder, seed=0):
-    """The converted model with random routers, so that routing actually chooses."""
-    model = pmod.from_pretrained(folder, dtype=torch.float32, mod=ModConfig(layer_ratios=RATIOS))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for r in model.language_model.routers.values():
-            r.weight.copy_(torch.randn(r.weight.shape, generator=g) * 0.5)
-            r.bias.copy_(torch.randn(r.bias.shape, generator=g) * 0.1)
-    return model
+    return vlm_common.routed(folder, RATIOS, seed)
 
 
 def trunc_k(n: int, ratio: float) -> int:

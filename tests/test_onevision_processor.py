@@ -1,11 +1,11 @@
 """Our processor on a LLaVA-OneVision checkpoint against transformers' LlavaOnevisionProcessor (PIL backend)."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+import vlm_common
 from test_onevision import IMG, PINS_HW, S, tiny_onevision_hf
+from vlm_common import picture, word_tokenizer
 
 import pmod
 
@@ -14,20 +14,9 @@ WORDS = "what is in this image ? describe the two pictures . user assistant syst
 
 def chat_tokenizer():
     """Word-level, Qwen-like: no BOS, chat markers and <image> as special tokens (<image> is id IMG)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<|im_start|>", "<|im_end|>", "\n", *WORDS])}
     vocab["<image>"] = IMG
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<|im_end|>")
-    fast.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<image>"]})
-    return fast
-
-
-def picture(w, h, seed):
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+    return word_tokenizer(vocab, ["<|im_start|>", "<image>"])
 
 
 @pytest.fixture(scope="module")
@@ -49,18 +38,7 @@ def processors(tmp_path_factory):
 
 
 def collapse(ids: list[int], counts: list[int]) -> list[int]:
-    """transformers' runs of <image> ids (counts[i] for image i) -> our one IMAGE_TOKEN_INDEX per image."""
-    out, i, it = [], 0, iter(counts)
-    while i < len(ids):
-        if ids[i] == IMG:
-            n = next(it)
-            assert ids[i : i + n] == [IMG] * n
-            out.append(pmod.IMAGE_TOKEN_INDEX)
-            i += n
-        else:
-            out.append(ids[i])
-            i += 1
-    return out
+    return vlm_common.collapse(ids, counts, IMG)
 
 
 @pytest.mark.parametrize("size_wh", [(97, 45), (37, 101), (130, 129), (300, 41)])

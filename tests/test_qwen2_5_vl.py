@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_batch
+from vlm_common import assert_greedy_matches, randomize_and_save
 
 import pmod
 from pmod.modeling.mrope import mrope_positions
@@ -26,12 +27,7 @@ def tiny_qwen_hf(folder, tie=False, seed=0):
         vision_config=dict(depth=3, hidden_size=32, intermediate_size=48, num_heads=4, out_hidden_size=64, patch_size=P,
                            spatial_merge_size=M, temporal_patch_size=T, window_size=56, fullatt_block_indexes=[1]),
         image_token_id=IMG, video_token_id=VID, vision_start_token_id=VSTART, vision_end_token_id=VEND, tie_word_embeddings=tie)
-    hf = Qwen2_5_VLForConditionalGeneration(cfg).eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.normal_(0, 0.1) if p.dim() > 1 else p.add_(torch.randn_like(p) * 0.05)
-    hf.save_pretrained(folder)
-    return hf
+    return randomize_and_save(Qwen2_5_VLForConditionalGeneration(cfg).eval(), folder)
 
 
 def pixels(gh, gw, seed=0):
@@ -105,11 +101,7 @@ def test_greedy_generation_matches_transformers(pair):
     hf, ours, _ = pair
     img = pixels(3, 5)
     ids, _, _ = make_batch([(4, 1, 5)], vocab=140)
-    kw = hf_inputs(ids, [img])
-    with torch.no_grad():
-        ref = hf.generate(**kw, max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0)[:, kw["input_ids"].shape[1]:]
-    got = ours.generate(input_ids=ids, images=[img], max_new_tokens=16, do_sample=False)
-    assert got.tolist() == ref.tolist()
+    assert_greedy_matches(hf, ours, hf_inputs(ids, [img]), dict(input_ids=ids, images=[img]))
 
 
 @pytest.mark.parametrize("grids", [[(1, 3, 5)], [(1, 2, 3), (1, 4, 1)], []])

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import vlm_common
 from conftest import make_batch
 from test_qwen2_5_vl import hf_inputs, pixels, tiny_qwen_hf
+from vlm_common import assert_round_trip
 
 import pmod
 from pmod.config import ModConfig
@@ -21,13 +23,7 @@ def pair(tmp_path_factory):
 
 
 def routed(folder, ratios=RATIOS, seed=0):
-    model = pmod.from_pretrained(folder, dtype=torch.float32, mod=ModConfig(layer_ratios=ratios))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for r in model.language_model.routers.values():
-            r.weight.copy_(torch.randn(r.weight.shape, generator=g) * 0.5)
-            r.bias.copy_(torch.randn(r.bias.shape, generator=g) * 0.1)
-    return model
+    return vlm_common.routed(folder, ratios, seed)
 
 
 def check_last_layer_against_transformers(hf, ours, kw, img_token=150):
@@ -138,11 +134,5 @@ def test_routers_get_gradients_and_training_lowers_the_loss(pair):
 
 def test_save_pretrained_round_trip(pair, tmp_path):
     _, folder = pair
-    model = routed(folder)
-    model.save_pretrained(tmp_path)
-    again = pmod.from_pretrained(tmp_path, dtype=torch.float32)
-    assert again.config == model.config
-    img = [pixels(4, 3)]
     ids, _, _ = make_batch([(4, 1, 5)], vocab=140)
-    with torch.no_grad():
-        assert torch.equal(model(input_ids=ids, images=img).logits, again(input_ids=ids, images=img).logits)
+    assert_round_trip(routed(folder), tmp_path, input_ids=ids, images=[pixels(4, 3)])

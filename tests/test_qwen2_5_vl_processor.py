@@ -1,11 +1,11 @@
 """Our processor on a Qwen2.5-VL checkpoint against transformers' Qwen2_5_VLProcessor (PIL image backend)."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+import vlm_common
 from test_qwen2_5_vl import DP, IMG, VEND, VSTART, tiny_qwen_hf
+from vlm_common import picture, word_tokenizer
 
 import pmod
 from pmod.multimodal.qwen2_5_vl import qwen_num_tokens, smart_resize
@@ -15,21 +15,9 @@ WORDS = "what is in this image ? describe the two pictures . user assistant syst
 
 
 def qwen_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<|im_start|>", "<|im_end|>", *WORDS])}
     vocab.update({"<|image_pad|>": IMG, "<|vision_start|>": VSTART, "<|vision_end|>": VEND, "<|video_pad|>": 151})
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<|im_end|>")
-    fast.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|image_pad|>", "<|vision_start|>",
-                                                           "<|vision_end|>", "<|video_pad|>"]})
-    return fast
-
-
-def picture(w, h, seed):
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+    return word_tokenizer(vocab, ["<|im_start|>", "<|image_pad|>", "<|vision_start|>", "<|vision_end|>", "<|video_pad|>"])
 
 
 @pytest.fixture(scope="module")
@@ -49,17 +37,7 @@ def processors(tmp_path_factory):
 
 
 def collapse(ids: list[int], counts: list[int]) -> list[int]:
-    out, i, it = [], 0, iter(counts)
-    while i < len(ids):
-        if ids[i] == IMG:
-            n = next(it)
-            assert ids[i : i + n] == [IMG] * n
-            out.append(pmod.IMAGE_TOKEN_INDEX)
-            i += n
-        else:
-            out.append(ids[i])
-            i += 1
-    return out
+    return vlm_common.collapse(ids, counts, IMG)
 
 
 @pytest.mark.parametrize("sizes", [[(97, 45)], [(300, 41)], [(500, 500)], [(20, 30)], [(61, 150), (333, 77)]])

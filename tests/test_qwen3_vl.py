@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import make_batch
 from test_qwen2_5_vl import hf_inputs  # the same token / pixel layout (2x2 merge, image token 150)
+from vlm_common import assert_greedy_matches, assert_round_trip, randomize_and_save
 
 import pmod
 from pmod.config import ModConfig
@@ -29,12 +30,7 @@ def tiny_qwen3_hf(folder, seed=0):
                            spatial_merge_size=M, temporal_patch_size=T, num_position_embeddings=64,
                            deepstack_visual_indexes=[0, 1]),
         image_token_id=IMG, video_token_id=151, vision_start_token_id=VSTART, vision_end_token_id=VEND)
-    hf = Qwen3VLForConditionalGeneration(cfg).eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.normal_(0, 0.1) if p.dim() > 1 else p.add_(torch.randn_like(p) * 0.05)
-    hf.save_pretrained(folder)
-    return hf
+    return randomize_and_save(Qwen3VLForConditionalGeneration(cfg).eval(), folder)
 
 
 def pixels(gh, gw, seed=0):
@@ -96,10 +92,7 @@ def test_greedy_generation_matches_transformers(pair):
     hf, ours, _ = pair
     img = pixels(3, 5)
     ids, _, _ = make_batch([(4, 1, 5)], vocab=140)
-    kw = hf_inputs(ids, [img])
-    with torch.no_grad():
-        ref = hf.generate(**kw, max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0)[:, kw["input_ids"].shape[1]:]
-    assert ours.generate(input_ids=ids, images=[img], max_new_tokens=16, do_sample=False).tolist() == ref.tolist()
+    assert_greedy_matches(hf, ours, hf_inputs(ids, [img]), dict(input_ids=ids, images=[img]))
 
 
 def test_positions_equal_get_rope_index(pair):
@@ -184,10 +177,5 @@ def test_save_pretrained_round_trip(pair, tmp_path):
     with torch.no_grad():
         for r in model.language_model.routers.values():
             r.weight.normal_(0, 0.5)
-    model.save_pretrained(tmp_path)
-    again = pmod.from_pretrained(tmp_path, dtype=torch.float32)
-    assert again.config == model.config
-    img = [pixels(4, 3)]
     ids, _, _ = make_batch([(4, 1, 5)], vocab=140)
-    with torch.no_grad():
-        assert torch.equal(model(input_ids=ids, images=img).logits, again(input_ids=ids, images=img).logits)
+    assert_round_trip(model, tmp_path, input_ids=ids, images=[pixels(4, 3)])

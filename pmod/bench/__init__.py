@@ -37,7 +37,9 @@ stalls every parallel op; prefer --threads 1 there and read the ratios, not the 
 Legend: B rows, L layers, P tokens per image, n_v vision tokens per row, n_t text tokens per row.
 
 Modules: `presets` (shapes), `models` (dense, p-MoD twins, the transformers twin), `calls` (prompts and the
-timed calls), `timing` (repetitions, memory, machine state), `sections` (one function per section),
+timed calls), `timing` (repetitions, memory, machine state), `section_*` (one module per section, registering
+itself; `section_kernels` and `section_train` are extras, run when --sections names them), `sections` (their
+imports, in run order), `train_step` (the training step, also `python -m pmod.bench.train_step`),
 `report` (the bars, markdown, plot), `registry` (what a section is: a new one registers there and runs with the
 rest), `cli` (the run and its command line). Every section's results are written (results.json, results.md and, after
 prefill, speedup.png; each atomically) as soon as it ends: a stopped run keeps what it measured, with
@@ -64,10 +66,12 @@ from pmod.bench.sections import (
 )
 from pmod.bench.timing import Timing, machine_info, time_interleaved
 
-SECTIONS = section_names()  # the built-in sections, in run order (more may register later)
+SECTIONS = tuple(n for n in section_names() if get_section(n).default)  # the built-in default run, in order
+EXTRAS = tuple(n for n in section_names() if not get_section(n).default)  # built-in, run when --sections names them
 
 __all__ = [
     "PRESETS",
+    "EXTRAS",
     "SECTIONS",
     "BenchContext",
     "Preset",

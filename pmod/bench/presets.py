@@ -45,17 +45,25 @@ class Preset:
                           mod=mod or ModConfig(schedule="none"), model_max_length=self.text["max_position_embeddings"])
 
 
-_LLAMA = dict(vocab_size=32000, num_hidden_layers=32, rms_norm_eps=1e-5, max_position_embeddings=4096)
+def _decoder_shape(name: str) -> dict:
+    """The decoder shape of a named model (`PmodConfig.from_name`, the one place released shapes are written)."""
+    t = PmodConfig.from_name(name).text
+    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "rms_norm_eps", "max_position_embeddings")
+    return {k: getattr(t, k) for k in keys}
+
+
+_VICUNA_7B = _decoder_shape("llava-1.5-7b")
 PRESETS: dict[str, Preset] = {
-    "cpu": Preset(
-        "cpu", dict(_LLAMA, hidden_size=512, intermediate_size=1376, num_attention_heads=8), torch.float32,
+    "cpu": Preset(  # Vicuna-7B's depth, vocabulary and context at a width a CPU runs in minutes
+        "cpu", dict(_VICUNA_7B, hidden_size=512, intermediate_size=1376, num_attention_heads=8), torch.float32,
         warmup=1, reps=5,  # a shared 2-vCPU VM drifts by ~5 % between runs: 5 interleaved rounds, medians
         # --quick: <= 4 min on a 2-core machine (BENCHMARKS.md); the 2880-token prompt in prefill and decode only
         quick=dict(reps=2, sweep=(0.25,), sweep_images=(1,), decode_steps=4, hf_new_tokens=9, batch_new_tokens=4,
                    hf_images=(1,), packed_images=(0, 1)),
     ),
     "gpu-7b": Preset(
-        "gpu-7b", dict(_LLAMA, hidden_size=4096, intermediate_size=11008, num_attention_heads=32), torch.bfloat16,
+        "gpu-7b", dict(_VICUNA_7B), torch.bfloat16,
         decode_steps=64, hf_new_tokens=65, batch_new_tokens=32, warmup=2, reps=5,
         quick=dict(reps=3, sweep=(0.25,), decode_steps=16, hf_new_tokens=17, batch_new_tokens=16),
     ),
@@ -74,8 +82,6 @@ def schedules(preset: Preset) -> dict[str, ModConfig]:
     out = {"prd": ModConfig()}
     out.update({f"deep_all@{r:g}": ModConfig(schedule="deep_all", avg_ratio=r) for r in preset.sweep})
     return out
-
-
 
 
 def resolve_preset(name: str, quick: bool = False, **overrides) -> Preset:

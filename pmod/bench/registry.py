@@ -4,7 +4,8 @@ A section is a name, the function that measures it on a `BenchContext` (the pres
 every section shares), the number of timed calls it makes (the length of its progress bar: `time_interleaved`
 ticks once per call, warm-up included) and how its results read in results.md. The runner (`cli.run_benchmark`)
 runs the requested sections in registration order and writes results.{json,md} after each one, so a run that is
-stopped keeps every section it finished. A section that only makes sense somewhere names its `devices`.
+stopped keeps every section it finished. A section that only makes sense somewhere names its `devices`; an extra
+that should not lengthen the default run says `default=False` and runs when `--sections` names it.
 
     register_section(Section("my_section", run=lambda ctx: {...}, calls=lambda ctx: ctx.rounds * 2,
                              markdown=lambda rows: ["## My section", "", ...], devices=("cuda",)))
@@ -55,6 +56,7 @@ class Section:
     markdown: Callable[[Any], list[str]] | None = None
     needs_hf: bool = False  # the runner builds the transformers twin once if any requested section needs it
     devices: tuple[str, ...] = ("cpu", "cuda")
+    default: bool = True  # False: an extra that runs only when --sections names it (it would lengthen every run)
 
 
 _REGISTRY: dict[str, Section] = {}
@@ -74,6 +76,9 @@ def get_section(name: str) -> Section:
 
 
 def section_names(device: str | None = None) -> tuple[str, ...]:
-    """Registered sections in run order; with `device`, those that run there."""
-    kind = None if device is None else device.split(":")[0]
-    return tuple(n for n, s in _REGISTRY.items() if kind is None or kind in s.devices)
+    """Registered sections in run order: all of them (what --sections may name), or with `device` the default run
+    there (its `devices`, `default` sections only)."""
+    if device is None:
+        return tuple(_REGISTRY)
+    kind = device.split(":")[0]
+    return tuple(n for n, s in _REGISTRY.items() if kind in s.devices and s.default)

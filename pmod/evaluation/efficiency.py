@@ -7,12 +7,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from pmod.cache import PmodCache
 from pmod.config import PmodConfig
-from pmod.flops import count_flops, flops_unit, format_flops
-from pmod.packing import Layout
+from pmod.flops import count_flops, flops_unit, format_flops, kv_cache_bytes
+from pmod.packing import Layout, build_layout
 
-__all__ = ["CONVENTION", "Efficiency", "measure_efficiency"]
+__all__ = ["CONVENTION", "Efficiency", "measure_efficiency", "request_efficiency"]
 
 CONVENTION = "FLOPs: complete convention, decoder + lm_head, vision tower not counted"
 
@@ -81,3 +83,21 @@ def measure_efficiency(config: PmodConfig, layout: Layout, cache: PmodCache | No
         n_vision=sum(n_vision), n_text=sum(n_text), kept_per_layer=kept, kv_bytes=kv, kv_bytes_dense=kv_dense,
         tflops=rep.total / 1e12, tflops_dense=rep.dense_total / 1e12,
     )
+
+
+def request_efficiency(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_counts: list[int]) -> dict:
+    """Prefill cost of ONE request ([1, T] inputs, feature tokens of each of its images) from the accounting
+    modules: `measure_efficiency` (complete convention), `count_flops(convention='paper')` and `kv_cache_bytes` in
+    the model's dtype. Sizes come from the layout alone; nothing runs on the device."""
+    cfg = model.config
+    layout = build_layout(input_ids, attention_mask, image_counts, "cpu", max_length=cfg.model_max_length)
+    eff = measure_efficiency(cfg, layout, None)
+    paper = count_flops(cfg, n_vision=eff.n_vision, n_text=eff.n_text, convention="paper")
+    kv = kv_cache_bytes(cfg, n_vision=eff.n_vision, n_text=eff.n_text, dtype=model.dtype, convention="complete")
+    return {
+        "n_images": len(image_counts), "n_vision": eff.n_vision, "n_text": eff.n_text,
+        "kept_ratio": eff.kept_ratio if eff.n_vision else None,
+        "tflops": eff.tflops, "tflops_dense": eff.tflops_dense,
+        "tflops_paper": paper.total / 1e12, "tflops_paper_dense": paper.dense_total / 1e12,
+        "kv_bytes": kv.total, "kv_bytes_dense": kv.dense_total,
+    }

@@ -29,47 +29,31 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import sys
 from pathlib import Path
-from typing import Any
 
 import torch
 from accelerate import Accelerator
 from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
 from lmms_eval.api.model import lmms
-from PIL import Image
 from tqdm import tqdm
 
 import pmod
+from pmod.evaluation.efficiency import request_efficiency
 from pmod.evaluation.journal import Journal, model_hash
-from pmod.flops import count_flops, kv_cache_bytes
-from pmod.multimodal.templates import IMAGE_PLACEHOLDER
-from pmod.packing import build_layout
+from pmod.evaluation.requests import (
+    canonical,
+    cli_output_path,
+    cut_at,
+    deterministic,
+    fingerprint,
+    generation_settings,
+    n_generated,
+    task_images,
+    with_placeholders,
+)
 from pmod.prefix_cache import PrefixCache, continue_prefix
-from pmod.evaluation.efficiency import measure_efficiency
 
 __all__ = ["PmodLmms", "request_efficiency"]
-_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-_KNOWN_GEN_KWARGS = {"until", "max_new_tokens", "max_gen_toks", "temperature", "top_p", "top_k", "do_sample", "num_beams"}
-
-
-def request_efficiency(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_counts: list[int]) -> dict:
-    """Prefill cost of ONE request ([1, T] inputs, feature tokens of each of its images) from the accounting
-    modules: `measure_efficiency` (complete convention), `count_flops(convention='paper')` and `kv_cache_bytes` in
-    the model's dtype. Sizes come from the layout alone; nothing runs on the device."""
-    cfg = model.config
-    layout = build_layout(input_ids, attention_mask, image_counts, "cpu", max_length=cfg.model_max_length)
-    eff = measure_efficiency(cfg, layout, None)
-    paper = count_flops(cfg, n_vision=eff.n_vision, n_text=eff.n_text, convention="paper")
-    kv = kv_cache_bytes(cfg, n_vision=eff.n_vision, n_text=eff.n_text, dtype=model.dtype, convention="complete")
-    return {
-        "n_images": len(image_counts), "n_vision": eff.n_vision, "n_text": eff.n_text,
-        "kept_ratio": eff.kept_ratio if eff.n_vision else None,
-        "tflops": eff.tflops, "tflops_dense": eff.tflops_dense,
-        "tflops_paper": paper.total / 1e12, "tflops_paper_dense": paper.dense_total / 1e12,
-        "kv_bytes": kv.total, "kv_bytes_dense": kv.dense_total,
-    }
 
 
 class PmodLmms(lmms):
@@ -96,8 +80,8 @@ class PmodLmms(lmms):
         self.processor = pmod.load_processor(pretrained, template=conv_template, **kw)
         self.batch_size_per_gpu = int(batch_size)
         self.max_new_tokens, self.seed = int(max_new_tokens), int(seed)
-        self.fingerprint = _fingerprint(pretrained, dtype, self.processor.template.name, self.processor.max_pixels)
-        folder = Path(log) if log else _cli_output_path()
+        self.fingerprint = fingerprint(pretrained, dtype, self.processor.template.name, self.processor.max_pixels)
+        folder = Path(log) if log else cli_output_path()
         self.journal = Journal(folder, self._rank, str(resume).lower() not in ("false", "0", "no"), model_hash(self.fingerprint))
         self.prefixes = PrefixCache(int(float(prefix_cache_mb) * 2**20)) if float(prefix_cache_mb) > 0 else None
 
@@ -135,10 +119,10 @@ class PmodLmms(lmms):
     # --- requests ------------------------------------------------------------------------------------------------
     def generate_until(self, requests: list[Instance]) -> list[GenerationResult | str]:
         out: list = [None] * len(requests)
-        for idx in self._progress(self._batches(requests, lambda r: _canonical(r.args[1])), len(requests), "generate"):
+        for idx in self._progress(self._batches(requests, lambda r: canonical(r.args[1])), len(requests), "generate"):
             batch = [requests[i] for i in idx]
-            keys = [self._key(r, _canonical(r.args[1])) for r in batch]
-            todo = [j for j, k in enumerate(keys) if k not in self.journal.done or not _deterministic(batch[j].args[1])]
+            keys = [self._key(r, canonical(r.args[1])) for r in batch]
+            todo = [j for j, k in enumerate(keys) if k not in self.journal.done or not deterministic(batch[j].args[1])]
             for j, k in enumerate(keys):
                 if j not in todo:
                     out[idx[j]] = self.journal.done[k]
@@ -146,7 +130,7 @@ class PmodLmms(lmms):
                 texts, counts, records = self._generate([batch[j] for j in todo])
                 for j, text, tc, rec in zip(todo, texts, counts, records):
                     out[idx[j]] = GenerationResult(text=text, token_counts=tc)
-                    rec.update(key=keys[j], response=text, deterministic=_deterministic(batch[j].args[1]))
+                    rec.update(key=keys[j], response=text, deterministic=deterministic(batch[j].args[1]))
                 self.journal.write(records)
         return out
 
@@ -183,7 +167,7 @@ class PmodLmms(lmms):
                     outputs = list(outputs)
                     if terminal:
                         break
-                texts, _, records = self._run_generation([context], [_images(visuals, task)], gen_kwargs)
+                texts, _, records = self._run_generation([context], [task_images(visuals, task)], gen_kwargs)
                 for rec in records:
                     rec.update(task=task, split=split, doc_id=doc_id, idx=req.idx, round=r, reqtype="generate_until_multi_round")
                 self.journal.write(records)
@@ -214,7 +198,7 @@ class PmodLmms(lmms):
 
     def _visuals(self, req: Instance) -> list:
         task, split, doc_id = req.args[-2], req.args[-1], req.args[-3]
-        return _images(req.args[2](self.task_dict[task][split][doc_id]), task)
+        return task_images(req.args[2](self.task_dict[task][split][doc_id]), task)
 
     def _generate(self, batch: list[Instance]):
         texts, counts, records = self._run_generation([r.args[0] for r in batch], [self._visuals(r) for r in batch],
@@ -226,7 +210,7 @@ class PmodLmms(lmms):
     def _run_generation(self, contexts: list[str], images: list[list], gen_kwargs: dict):
         if self.prefixes is not None:
             return self._run_with_prefixes(contexts, images, gen_kwargs)
-        kw = _generation_settings(gen_kwargs, self.max_new_tokens)
+        kw = generation_settings(gen_kwargs, self.max_new_tokens)
         until = kw.pop("until")
         inputs = self.processor(contexts, images=images, chat=True)
         gen = torch.Generator(device=self.device).manual_seed(self.seed) if kw["do_sample"] else None
@@ -237,7 +221,7 @@ class PmodLmms(lmms):
         """One request at a time, each continuing its prefix's cached prefill when the prefix cache has it."""
         texts, counts, records = [], [], []
         for ctx, ims in zip(contexts, images):
-            kw = _generation_settings(gen_kwargs, self.max_new_tokens)
+            kw = generation_settings(gen_kwargs, self.max_new_tokens)
             until = kw.pop("until")
             inputs = self.processor([ctx], images=[ims], chat=True)
             gen = torch.Generator(device=self.device).manual_seed(self.seed) if kw["do_sample"] else None
@@ -252,10 +236,10 @@ class PmodLmms(lmms):
         return texts, counts, records
 
     def _results(self, inputs: dict, tokens: torch.Tensor, until: list[str]):
-        texts = [_cut(self.processor.decode(row), until) for row in tokens]
+        texts = [cut_at(self.processor.decode(row), until) for row in tokens]
         records = self._efficiency(inputs)
         eos = set(self._model.config.text.eos_token_ids)
-        counts = [TokenCounts(input_tokens=rec["n_vision"] + rec["n_text"], output_tokens=_n_generated(row, eos))
+        counts = [TokenCounts(input_tokens=rec["n_vision"] + rec["n_text"], output_tokens=n_generated(row, eos))
                   for row, rec in zip(tokens.tolist(), records)]
         return texts, counts, records
 
@@ -269,7 +253,7 @@ class PmodLmms(lmms):
         images = [self._visuals(r) for r in batch]
         prompts, n_cont = [], []
         for r, ims, cont in zip(batch, images, conts):
-            ctx = self.processor.apply_template([{"role": "user", "content": _with_placeholders(r.args[0], len(ims))}])
+            ctx = self.processor.apply_template([{"role": "user", "content": with_placeholders(r.args[0], len(ims))}])
             whole, head = self.processor.encode(ctx + cont), self.processor.encode(ctx)
             if len(whole) <= len(head):
                 raise ValueError(f"pmod: the continuation {cont!r} of {r.task_name} doc {r.doc_id} has no tokens")
@@ -305,77 +289,3 @@ class PmodLmms(lmms):
         return hashlib.sha256(json.dumps(payload, default=str).encode()).hexdigest()[:32]
 
 
-def _images(visuals, task: str) -> list:
-    """A task's visuals as a flat list of images; None/[] for text-only documents. Videos are refused."""
-    flat = []
-    for v in visuals or []:
-        flat += v if isinstance(v, (list, tuple)) else [v]
-    for v in flat:
-        if not (isinstance(v, Image.Image) or (isinstance(v, (str, Path)) and Path(v).suffix.lower() in _IMAGE_SUFFIXES)):
-            raise ValueError(f"pmod: task {task} gives a {type(v).__name__} visual ({str(v)[:80]!r}); pmod models take images only")
-    return flat
-
-
-def _with_placeholders(context: str, n_images: int) -> str:
-    if n_images and IMAGE_PLACEHOLDER not in context:
-        return (IMAGE_PLACEHOLDER + "\n") * n_images + context
-    return context
-
-
-def _generation_settings(gen_kwargs: dict, default_max_new_tokens: int) -> dict:
-    """lmms-eval's gen_kwargs -> pmod.generate options (the request's dict is not modified)."""
-    unknown = set(gen_kwargs) - _KNOWN_GEN_KWARGS - {"image_aspect_ratio"}  # the latter: a knob of the llava model
-    if unknown:
-        print(f"pmod: ignoring generation settings {sorted(unknown)}", file=sys.stderr)
-    if int(gen_kwargs.get("num_beams") or 1) != 1:
-        raise ValueError(f"pmod: num_beams={gen_kwargs['num_beams']} is not supported (greedy or sampling only)")
-    until = gen_kwargs.get("until") or []
-    until = [until] if isinstance(until, str) else [u for u in until if u]
-    temperature = float(gen_kwargs.get("temperature") or 0.0)
-    do_sample = bool(gen_kwargs.get("do_sample", False)) or temperature > 0
-    return {
-        "until": until,
-        "max_new_tokens": int(gen_kwargs.get("max_new_tokens") or gen_kwargs.get("max_gen_toks") or default_max_new_tokens),
-        "do_sample": do_sample, "temperature": temperature if temperature > 0 else 1.0,
-        "top_p": float(gen_kwargs.get("top_p") or 1.0), "top_k": int(gen_kwargs.get("top_k") or 0),
-    }
-
-
-def _cut(text: str, until: list[str]) -> str:
-    for stop in until:
-        text = text.split(stop)[0]
-    return text.strip()
-
-
-def _n_generated(row: list[int], eos: set[int]) -> int:
-    return next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
-
-
-def _canonical(gen_kwargs: dict) -> str:
-    return json.dumps(gen_kwargs, sort_keys=True, default=str)
-
-
-def _deterministic(gen_kwargs: dict) -> bool:
-    return not gen_kwargs.get("do_sample") and not float(gen_kwargs.get("temperature") or 0) > 0
-
-
-def _fingerprint(pretrained: str, dtype: str, template: str, max_pixels: int) -> dict:
-    """What decides a response: the checkpoint (path; its weight files' names, sizes, inodes and nanosecond times,
-    which an atomic re-save always changes; config.json's content), dtype, template, image limit."""
-    path = Path(pretrained).expanduser()
-    files = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")) if path.is_dir() else []
-    stamp = [(f.name, f.stat().st_size, f.stat().st_ino, f.stat().st_mtime_ns) for f in files]
-    cfg = path / "config.json"
-    cfg_hash = hashlib.sha256(cfg.read_bytes()).hexdigest()[:16] if cfg.is_file() else None
-    return {"path": str(path.resolve()) if path.exists() else pretrained, "weights": stamp, "config": cfg_hash,
-            "dtype": str(dtype), "template": template, "max_pixels": max_pixels}
-
-
-def _cli_output_path() -> Path | None:
-    """lmms-eval's --output_path of this process's command line, where the journal goes by default."""
-    import argparse
-
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--output_path", default=None)
-    known, _ = p.parse_known_args(sys.argv[1:])
-    return Path(known.output_path) if known.output_path else None

@@ -1,4 +1,5 @@
-"""Resumable checkpoints, written atomically and read without unpickling anything, and the final model export.
+"""Resumable checkpoints, written atomically and read without unpickling anything (the export at the end of a run is
+`pmod.training.export`; RNG and optimizer restore `run_state`; the restricted unpickler `legacy_checkpoint`).
 
 A checkpoint is `output/checkpoints/step-00000040/`: the model (`model.safetensors`), the optimizer, LR
 scheduler, strategy, gradient scaler and every process's RNG as JSON + safetensors (`pmod.io.state`), and
@@ -18,22 +19,21 @@ from __future__ import annotations
 
 import json
 import os
-import pickle  # for its UnpicklingError only: nothing here unpickles outside torch's weights-only loader
-import random
 import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from pmod.io.atomic import atomic_write_text, fsync_dir, fsync_file
+from pmod.io.atomic import fsync_dir, fsync_file
 from pmod.io.errors import CheckpointError
-from pmod.io.files import write_checkpoint
 from pmod.io.state import load_tree, save_tree
+from pmod.training.export import export_model, write_run_config
+from pmod.training.legacy_checkpoint import LEGACY_MODEL_FILES, UnsafeCheckpointError, load_legacy, scan_pickles
+from pmod.training.run_state import restore_optimizer_and_schedule, rng_state, set_rng_state
 
 __all__ = ["TrainerState", "list_checkpoints", "latest_checkpoint", "resume_point", "verify_checkpoint",
            "save_checkpoint", "load_checkpoint", "clean_partial", "export_model", "write_run_config",
@@ -43,13 +43,8 @@ CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
 MODEL_FILE = "model.safetensors"
 _NAME = re.compile(r"step-(\d{8})")
-_PICKLE_SUFFIXES = (".pkl", ".bin", ".pt", ".pth", ".metadata")
 _OWN_DISTRIBUTED = ("NO", "MULTI_CPU", "MULTI_GPU", "MULTI_XPU", "MULTI_NPU", "MULTI_MLU", "MULTI_SDAA", "MULTI_MUSA",
                     "MULTI_HPU", "MULTI_NEURON")
-
-
-class UnsafeCheckpointError(CheckpointError):
-    """A checkpoint folder holding something pmod will not read: an unlisted file, or a pickle that is not plain data."""
 
 
 @dataclass
@@ -130,7 +125,7 @@ def verify_checkpoint(folder: str | os.PathLike) -> TrainerState:
     state = TrainerState.read(folder)
     present = _listing(folder)
     if state.format == "legacy":
-        if not any(n in present for n in (MODEL_FILE, "pytorch_model.bin")):
+        if not any(n in present for n in LEGACY_MODEL_FILES):
             raise CheckpointError(f"{folder}: no {MODEL_FILE}")
         return state
     extra = sorted(set(present) - set(state.files))
@@ -181,22 +176,6 @@ def resume_point(accelerator, output: str | os.PathLike, resume: str, fingerprin
     return None
 
 
-# --- what goes into a checkpoint ----------------------------------------------------------------------------------
-def _rng_state() -> dict[str, Any]:
-    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
-
-
-def _set_rng_state(st: dict[str, Any]) -> None:
-    random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
-    torch.set_rng_state(st["torch"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
-
-
 def _own_format(accelerator) -> bool:
     return str(accelerator.distributed_type).split(".")[-1] in _OWN_DISTRIBUTED
 
@@ -230,7 +209,7 @@ def save_checkpoint(accelerator, output: str | os.PathLike, state: TrainerState,
         if main:
             for p in list(tmp.glob("random_states_*.pkl")) + list(tmp.glob("custom_checkpoint_*.pkl")):
                 p.unlink()  # ours are below, as JSON
-    save_tree(_rng_state(), tmp, f"rng_state_{accelerator.process_index}")
+    save_tree(rng_state(), tmp, f"rng_state_{accelerator.process_index}")
     if main:
         save_tree(scheduler.state_dict(), tmp, "scheduler")
         save_tree(strategy.state_dict(), tmp, "strategy")
@@ -261,51 +240,6 @@ def save_checkpoint(accelerator, output: str | os.PathLike, state: TrainerState,
     return final
 
 
-# --- reading a checkpoint back ---------------------------------------------------------------------------------------
-def _safe_torch_load(path: Path) -> Any:
-    """torch.load with the weights-only unpickler, plus numpy's array types (RNG states): never runs code."""
-    core = getattr(np, "_core", None) or np.core
-    safe = [np.ndarray, np.dtype, core.multiarray._reconstruct] + [type(np.dtype(t)) for t in ("uint32", "float64", "int64")]
-    try:
-        with torch.serialization.safe_globals(safe):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing") from None
-    except pickle.UnpicklingError as e:  # a global outside the allow-list: code, or an object we do not know
-        raise UnsafeCheckpointError(f"{path}: refused by the weights-only unpickler ({str(e).splitlines()[0][:300]}); "
-                                    f"pmod never unpickles code from a run folder") from None
-    except Exception as e:  # a truncated or corrupt archive
-        raise CheckpointError(f"{path}: corrupt or truncated ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-
-
-def _restore_optimizer_and_schedule(optimizer, scheduler, opt_state: dict, sched_state: dict) -> None:
-    """Moments and step counts from the checkpoint; hyper-parameters (lr, betas, eps, weight decay, the schedule's
-    shape) from this run's config, so that a change allowed with --allow-config-change really takes effect. When
-    nothing changed, the values are the checkpoint's own, bit for bit."""
-    fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    if opt_state is not None:  # None: accelerate (DeepSpeed / FSDP) restored the optimizer in its own format
-        if len(opt_state.get("param_groups", [])) != len(fresh):
-            raise CheckpointError(f"the checkpoint's optimizer has {len(opt_state.get('param_groups', []))} parameter "
-                                  f"group(s), this run {len(fresh)}: not the same strategy / trainable set")
-        optimizer.load_state_dict(opt_state)
-    for g, f in zip(optimizer.param_groups, fresh):
-        g.update(f)
-    scheduler.last_epoch = int(sched_state["last_epoch"])
-    scheduler._step_count = int(sched_state.get("_step_count", scheduler.last_epoch + 1))
-    scheduler.base_lrs = [g["initial_lr"] for g in optimizer.param_groups]
-    lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
-    for g, lr in zip(optimizer.param_groups, lrs):
-        g["lr"] = lr
-    scheduler._last_lr = lrs
-
-
-def _scan_pickles(folder: Path) -> None:
-    """Every pickle-format file accelerate / DeepSpeed / FSDP would load must pass the weights-only unpickler."""
-    for p in sorted(folder.rglob("*")):
-        if p.is_file() and p.suffix in _PICKLE_SUFFIXES:
-            _safe_torch_load(p)
-
-
 def load_checkpoint(accelerator, path: str | os.PathLike, fingerprint: dict[str, Any], *, model, optimizer, scheduler,
                     strategy, state: TrainerState | None = None) -> TrainerState:
     """Check the checkpoint belongs to this run, then restore model, optimizer, scheduler, strategy and RNG."""
@@ -314,7 +248,7 @@ def load_checkpoint(accelerator, path: str | os.PathLike, fingerprint: dict[str,
     state.check_same_run(fingerprint, p)
     inner = accelerator.unwrap_model(model)
     if state.format == "legacy":
-        _load_legacy(accelerator, p, inner, optimizer, scheduler, strategy)
+        load_legacy(accelerator, p, inner, optimizer, scheduler, strategy)
         return state
     if state.format == "pmod-1":
         try:
@@ -329,76 +263,17 @@ def load_checkpoint(accelerator, path: str | os.PathLike, fingerprint: dict[str,
             raise CheckpointError(f"{p / MODEL_FILE} does not fit this run's model: {str(e)[:500]}") from None
         opt_state = load_tree(p, "optimizer")
     else:
-        _scan_pickles(p)
+        scan_pickles(p)
         accelerator.load_state(str(p))  # DeepSpeed / FSDP parts only: nothing else is registered
         opt_state = None
-    _restore_optimizer_and_schedule(optimizer, scheduler, opt_state, load_tree(p, "scheduler"))
+    restore_optimizer_and_schedule(optimizer, scheduler, opt_state, load_tree(p, "scheduler"))
     strategy.load_state_dict(load_tree(p, "strategy"))
     if (p / "scaler.json").exists() and getattr(accelerator, "scaler", None) is not None:
         accelerator.scaler.load_state_dict(load_tree(p, "scaler"))
     rank = accelerator.process_index
     if not (p / f"rng_state_{rank}.json").exists():
         raise CheckpointError(f"{p}: no RNG state for process {rank} (was the run launched with another number of processes?)")
-    _set_rng_state(load_tree(p, f"rng_state_{rank}"))
+    set_rng_state(load_tree(p, f"rng_state_{rank}"))
     return state
 
 
-def _load_legacy(accelerator, p: Path, inner, optimizer, scheduler, strategy) -> None:
-    """A checkpoint of pmod before its own state files: accelerate's layout, read without running any pickle."""
-    if (p / MODEL_FILE).exists():
-        sd = load_file(str(p / MODEL_FILE))
-    else:
-        sd = _safe_torch_load(p / "pytorch_model.bin")
-    if inner.config.text.tie_word_embeddings and "lm_head.weight" not in sd:
-        sd["lm_head.weight"] = sd["language_model.embed_tokens.weight"]
-    inner.load_state_dict(sd, strict=True)
-    customs = sorted(p.glob("custom_checkpoint_*.pkl"))
-    states = [_safe_torch_load(c) for c in customs]  # 0: the scheduler, 1: the strategy (registration order)
-    _restore_optimizer_and_schedule(optimizer, scheduler, _safe_torch_load(p / "optimizer.bin"), states[0])
-    if len(states) > 1:
-        strategy.load_state_dict(states[1])
-    rng = p / f"random_states_{accelerator.process_index}.pkl"
-    if rng.exists():
-        st = _safe_torch_load(rng)
-        _set_rng_state({"python": st["random_state"], "numpy": st["numpy_random_seed"], "torch": st["torch_manual_seed"],
-                        **({"cuda": st["torch_cuda_manual_seed"]} if "torch_cuda_manual_seed" in st else {})})
-
-
-def export_model(accelerator, model, strategy, processor, folder: str | os.PathLike, stage: str) -> Path:
-    """Fine-tuning: the trained model in pmod's layout (what `pmod.from_pretrained` and `load_processor`
-    read), config, weights and processor files switched in one atomic commit. Pre-training: only
-    `mm_projector.safetensors` with LLaVA's key names (`model.mm_projector.*`), the projector the fine-tuning
-    stage starts from (`--pretrain-mm-projector`), as LLaVA saves it."""
-    folder = Path(folder)
-    state = accelerator.get_state_dict(model)  # gathers FSDP / ZeRO-3 shards onto the main process
-    if accelerator.is_main_process:
-        inner = accelerator.unwrap_model(model)
-        folder.mkdir(parents=True, exist_ok=True)
-        state = strategy.export(inner, {k: v.detach().cpu() for k, v in state.items()}, folder)
-        if stage == "pretrain":
-            proj = {f"model.mm_projector.{k.removeprefix('projector.')}": v.contiguous() for k, v in state.items()
-                    if k.startswith("projector.")}
-            tmp = folder / ".mm_projector.safetensors.tmp"
-            save_file(proj, str(tmp), metadata={"format": "pt"})
-            fsync_file(tmp)
-            os.replace(tmp, folder / "mm_projector.safetensors")
-            fsync_dir(folder)
-        else:
-            if inner.config.text.tie_word_embeddings:
-                state.pop("lm_head.weight", None)
-
-            def processor_files(staging: Path) -> list[str]:  # tokenizer + pmod_processor.json, in the same commit
-                before = set(os.listdir(staging))
-                processor.save_pretrained(staging)
-                return sorted(set(os.listdir(staging)) - before)
-
-            write_checkpoint(folder, inner.config.to_dict(), state, extra=processor_files)
-    accelerator.wait_for_everyone()
-    return folder / "mm_projector.safetensors" if stage == "pretrain" else folder
-
-
-def write_run_config(output: Path, cfg_dict: dict[str, Any]) -> None:
-    """train_config.yaml, atomically (what `--resume` with only `--output` reads back)."""
-    import yaml
-
-    atomic_write_text(output / "train_config.yaml", yaml.safe_dump(cfg_dict, sort_keys=True))

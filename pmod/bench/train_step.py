@@ -1,14 +1,15 @@
 """Training step time, p-MoD against its dense twin, at a scaled LLaVA-1.5 shape.
 
-    python -m pmod.training.bench                       # CPU default: 8 layers x 384 wide, 576 vision tokens
-    python -m pmod.training.bench --device cuda --dtype bfloat16 --layers 32 --hidden 2048 --intermediate 5504 --batch 8
+    python -m pmod.bench.train_step                     # CPU default: 8 layers x 384 wide, 576 vision tokens
+    python -m pmod.bench.train_step --device cuda --dtype bfloat16 --layers 32 --hidden 2048 --intermediate 5504 --batch 8
 
 Both models share every weight; the dense twin has no MoD layer. A step is what the fine-tuning stage
 runs: forward with labels, backward, AdamW step, over the LLM, projector and routers (vision tower
 frozen). The two models alternate step by step, so that a noisy machine slows both alike; the median
 and the fastest step are reported (on a shared CPU the fastest is the steadier estimate). The paper's figure is 77.7 % of the dense GPU hours for a full LLaVA-NeXT fine-tune
 (with 24 of 32 layers routed); here the schedule keeps the same shape over `--layers`. The last line
-is JSON.
+is JSON. The same step on a bench preset's shapes is the `train_step` section of `pmod bench` (an extra:
+`pmod bench --sections train_step`), timed by the bench's interleaved repetitions.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import torch
 from pmod.config import ModConfig, PmodConfig, TextConfig, VisionConfig
 from pmod.packing import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 
-__all__ = ["bench_config", "make_batch", "measure", "main"]
+__all__ = ["bench_config", "make_batch", "measure", "main", "step_seconds", "trainable_pair"]
 
 
 def bench_config(args: argparse.Namespace, dense: bool) -> PmodConfig:
@@ -47,7 +48,8 @@ def make_batch(cfg: PmodConfig, batch: int, n_text: int, seed: int = 0) -> dict:
             "images": torch.randn(batch, 3, S, S, generator=g)}
 
 
-def _step(model, opt, batch: dict, device: torch.device) -> float:
+def step_seconds(model, opt, batch: dict, device: torch.device) -> float:
+    """One training step (forward with labels, backward, AdamW), synchronised: its wall time in seconds."""
     if device.type == "cuda":
         torch.cuda.synchronize()
     t = time.perf_counter()
@@ -60,25 +62,35 @@ def _step(model, opt, batch: dict, device: torch.device) -> float:
     return time.perf_counter() - t
 
 
-def measure(args: argparse.Namespace) -> dict:
-    from pmod.flops import count_flops
+def trainable_pair(configs: dict[str, PmodConfig], device: torch.device, dtype: torch.dtype, seed: int,
+                   grad_ckpt: bool = False) -> tuple[dict, dict]:
+    """({name: model}, {name: AdamW}): the models of `configs` from one seed (the same weights where their
+    shapes agree), vision tower frozen, as the fine-tuning stage trains them."""
     from pmod.modeling.llava import PmodForConditionalGeneration
 
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     models, opts = {}, {}
-    for name, dense in (("dense", True), ("p-MoD", False)):
-        torch.manual_seed(args.seed)
-        m = PmodForConditionalGeneration(bench_config(args, dense)).init_weights().to(device=device, dtype=dtype).train()
+    for name, cfg in configs.items():
+        torch.manual_seed(seed)
+        m = PmodForConditionalGeneration(cfg).init_weights().to(device=device, dtype=dtype).train()
         m.vision_tower.requires_grad_(False)
-        if args.grad_ckpt:
+        if grad_ckpt:
             m.gradient_checkpointing_enable()
         models[name] = m
         opts[name] = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5)
+    return models, opts
+
+
+def measure(args: argparse.Namespace) -> dict:
+    from pmod.flops import count_flops
+
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    configs = {"dense": bench_config(args, True), "p-MoD": bench_config(args, False)}
+    models, opts = trainable_pair(configs, device, dtype, args.seed, args.grad_ckpt)
     batch = make_batch(models["dense"].config, args.batch, args.n_text, args.seed)
     times: dict[str, list[float]] = {n: [] for n in models}
     for i in range(args.warmup + args.steps):
         for name, model in models.items():
-            dt = _step(model, opts[name], batch, device)
+            dt = step_seconds(model, opts[name], batch, device)
             if i >= args.warmup:
                 times[name].append(dt)
     n_vision = models["dense"].config.vision.num_patches
@@ -101,7 +113,7 @@ def measure(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pmod.training.bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m pmod.bench.train_step", description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--hidden", type=int, default=384)
     p.add_argument("--intermediate", type=int, default=1024)
@@ -131,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
           f"step (prefill FLOPs ratio {100 * r['prefill_flops_ratio']:.1f} %; paper: 77.7 % of GPU hours)")
     print(json.dumps(r))
     return 0
+
 
 
 if __name__ == "__main__":
