@@ -77,7 +77,7 @@ def forward_case(rounds: int) -> dict:
     p = make_prompt(model.config, [5], 64, "cpu", seed=5)
     call = lambda keep: lambda: model(input_ids=p.input_ids, images=p.images, logits_to_keep=keep, output_routing=False)  # noqa: E731
     with torch.inference_mode():
-        x, layout = model.prepare(p.input_ids, p.images)
+        x, _ = model.prepare(p.input_ids, p.images)
         h = torch.randn(x.shape[0], x.shape[1])
         w = model.lm_head.weight
         t = paired({"all": call("all"), "none": call("none"), "gemm": lambda: torch.mm(h, w.t())}, rounds)

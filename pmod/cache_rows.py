@@ -6,7 +6,12 @@ tensors). Legend: B rows, S slots, G kv heads, D head dim.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from pmod.cache import PmodCache
 
 __all__ = ["CacheRows"]
 

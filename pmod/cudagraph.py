@@ -64,7 +64,10 @@ class _Entry:
     busy: bool = False
 
 
-def cuda_capture(model, cache: PmodCache, tokens: torch.Tensor, warmup: int = 2) -> Callable[[], torch.Tensor]:
+_WARMUP = 2  # eager steps before a capture (as torch.cuda.graphs asks)
+
+
+def cuda_capture(model, cache: PmodCache, tokens: torch.Tensor, warmup: int = _WARMUP) -> Callable[[], torch.Tensor]:
     """Capture `model.decode_step(tokens, cache)` on a static cache; the cache is rewound afterwards."""
     snap = cache.snapshot()  # the warm-up and the capture write real slots and advance lengths: undone below
     side = torch.cuda.Stream()  # warm-up off the default stream, as torch.cuda.graphs asks
@@ -85,7 +88,7 @@ def cuda_capture(model, cache: PmodCache, tokens: torch.Tensor, warmup: int = 2)
     return replay
 
 
-def eager_capture(model, cache: PmodCache, tokens: torch.Tensor, warmup: int = 2) -> Callable[[], torch.Tensor]:
+def eager_capture(model, cache: PmodCache, tokens: torch.Tensor, warmup: int = _WARMUP) -> Callable[[], torch.Tensor]:
     """The CPU stand-in of `cuda_capture`: a replay runs the step eagerly over the capture-time cache object, whose
     tensors are the static ones, so it writes what a graph replay writes (host state is the caller's, as there)."""
     snap = cache.snapshot()
@@ -126,6 +129,7 @@ class DecodeGraphs:
         if sig != self._weights:
             self.entries.clear()
             self._weights = sig
+        steps = max(steps, _WARMUP)  # a capture's warm-up writes real slots too (rewound): room for them
         key = graph_key(model, cache, steps, self.granule)
         entry = self.entries.get(key)
         if entry is not None and entry.busy:  # in use by a call still running: this one captures its own

@@ -49,7 +49,7 @@ def test_decode_restore_decode_again_is_identical(static):
 def test_restore_after_a_continuation_chunk():
     model = tiny_model(layers=4)
     with torch.inference_mode():
-        cache, logits = _prefill(model, side="right")
+        cache, _ = _prefill(model, side="right")
         snap = cache.snapshot()
         chunk = torch.randint(3, 97, (3, 4), generator=torch.Generator().manual_seed(9))
         a = model(input_ids=chunk, past_key_values=cache, logits_to_keep="last").logits

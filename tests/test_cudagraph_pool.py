@@ -88,6 +88,18 @@ def test_generate_with_the_pool_reuses_graphs_and_keeps_tokens():
     assert pool.captures == 1
 
 
+def test_one_step_leaves_room_for_the_warm_up():
+    """max_new_tokens=2 asks one graphed step; the capture's 2 warm-up steps must still fit the bucket."""
+    model = tiny_model(layers=4)
+    pool = DecodeGraphs(model, granule=1, capture=eager_capture)  # granule 1: no slack from rounding
+    with torch.inference_mode():
+        cache, logits = _cache(model, **_inputs())
+        graph = pool.acquire(cache, 1)
+        assert cache.steps_left() >= 2
+        graph.step(logits.argmax(-1))
+        graph.close()
+
+
 def test_new_weights_drop_the_graphs():
     model = tiny_model(layers=4)
     pool = DecodeGraphs(model, capture=eager_capture)
