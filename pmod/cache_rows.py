@@ -6,12 +6,7 @@ tensors). Legend: B rows, S slots, G kv heads, D head dim.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
-
-if TYPE_CHECKING:
-    from pmod.cache import PmodCache
 
 __all__ = ["CacheRows"]
 
@@ -47,7 +42,7 @@ class CacheRows:
         device = self.positions.device if self.positions is not None else "cpu"
         self.select_rows(torch.tensor(keep, dtype=torch.long, device=device))
 
-    def insert_rows(self, other: "PmodCache") -> None:
+    def insert_rows(self, other: "CacheRows") -> None:
         """Append the rows of `other` (a fresh prefill) after this cache's rows, in place.
 
         Per layer the slot capacity becomes the larger of the two; the shorter side is zero-padded past its
@@ -95,7 +90,7 @@ class CacheRows:
         shape[self.slot_dim] = extra
         return torch.cat([t, t.new_zeros(shape)], dim=self.slot_dim)
 
-    def _take(self, other: "PmodCache") -> None:
+    def _take(self, other: "CacheRows") -> None:
         self.k, self.v, self.seqlens = list(other.k), list(other.v), list(other.seqlens)
         self.lengths = [list(x) for x in other.lengths]
         self.positions, self.batch_size, self.reserve = other.positions, other.batch_size, other.reserve
