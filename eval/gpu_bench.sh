@@ -2,8 +2,14 @@
 # The one prepared GPU check: `bash eval/gpu_bench.sh` from the repository root on a lent GPU machine.
 #
 #   1. pmod bench --device cuda --preset gpu-7b   (Vicuna-7B shapes, bf16, random weights built on the GPU;
-#      576 and 2880 vision tokens; decode at batch 1 and 8; vs transformers; packed vs padded)  ~3-5 min
-#   2. python -m kernels.bench (Triton vs PyTorch reference, 7B row width), eval/sdpa_shape_cost.py ~20 s
+#      576 and 2880 vision tokens; decode at batch 1 and 8; vs transformers; packed vs padded)  ~1.5-3 min
+#   1b. the same weights, sections prefill_batch + generate_e2e (pmod/bench/sections_e2e.py; its own process and
+#      output folder, so that one failing cannot take the other's numbers): prefill at batch 1 / 8 / 32, and
+#      576 (2880) + 64 -> 64 new tokens: TTFT, decode tok/s, total; dense vs p-MoD; eager vs CUDA graph (vs
+#      compiled when the model class has its own compile())                                     ~2 min
+#      (estimate: 7B prefill ~13 GFLOP/token at ~0.5 PFLOP/s = ~30 us/token, so batch 32 x 2938 tokens ~2.8 s a
+#      call, ~40 s for the section; 32 generations of 64 tokens at 10-25 ms a step, ~60 s; CPU tiny run: 3.5 s)
+#   2. python -m pmod_kernels.bench (Triton vs PyTorch reference, 7B row width), eval/sdpa_shape_cost.py ~20 s
 #   3. pytest -m gpu (GPU-marked tests), tests/test_kernels.py (Triton kernels run on CUDA there),
 #      and pytest -m flash when flash_attn imports (else a message saying it was skipped)         ~1-2 min
 #
@@ -39,16 +45,21 @@ cat "$OUT/env.txt"
 "$PY" -c "import pmod, pmod_kernels" || { summary "FAIL: pmod does not import"; exit 1; }
 
 # --- 1. the benchmark ---------------------------------------------------------------------------------
-PYTHONUNBUFFERED=1 timeout 300 "$PY" -m pmod.bench --device cuda --preset gpu-7b --output "$OUT/bench" ${QUICK:+--quick} \
-  2>&1 | tee "$OUT/bench.log"
+PYTHONUNBUFFERED=1 timeout 270 "$PY" -m pmod.bench --device cuda --preset gpu-7b --output "$OUT/bench" ${QUICK:+--quick} \
+  --sections prefill,decode,hf_prefill,hf_decode,batching,packing 2>&1 | tee "$OUT/bench.log"
 rc=${PIPESTATUS[0]}
 summary "bench: exit $rc ($(( $(date +%s) - START )) s elapsed); last line: $(tail -n 1 "$OUT/bench.log")"
 
+PYTHONUNBUFFERED=1 timeout 200 "$PY" -m pmod.bench --device cuda --preset gpu-7b --output "$OUT/e2e" --warmup 1 --reps 3 \
+  --sections prefill_batch,generate_e2e 2>&1 | tee "$OUT/e2e.log"
+rc=${PIPESTATUS[0]}
+summary "e2e bench: exit $rc ($(( $(date +%s) - START )) s elapsed); results in $OUT/e2e/results.md"
+
 # --- 2. the kernels alone: Triton vs the PyTorch reference at a 7B row width ---------------------------
-timeout 90 "$PY" -m kernels.bench --device cuda >"$OUT/kernels.txt" 2>&1
+timeout 45 "$PY" -m pmod_kernels.bench --device cuda >"$OUT/kernels.txt" 2>&1  # the installed name, not the folder
 summary "kernels bench: exit $? — $(tail -n 1 "$OUT/kernels.txt" | cut -c1-400)"
 
-timeout 60 "$PY" eval/sdpa_shape_cost.py >"$OUT/sdpa_shape_cost.txt" 2>&1
+timeout 30 "$PY" eval/sdpa_shape_cost.py >"$OUT/sdpa_shape_cost.txt" 2>&1
 summary "sdpa shape cost: exit $? — $(grep -c ms/call "$OUT/sdpa_shape_cost.txt") lines"
 
 # --- 3. device tests ----------------------------------------------------------------------------------

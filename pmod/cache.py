@@ -13,14 +13,31 @@ Legend: L layers, B rows, S slots, G kv heads, D head dim.
 """
 from __future__ import annotations
 
+import itertools
+from dataclasses import dataclass
+
 import torch
 
+from pmod.cache_rows import CacheRows
+from pmod.cache_static import StaticKV, load_static
 from pmod.packing import Varlen
 
-__all__ = ["PmodCache"]
+__all__ = ["CacheSnapshot", "PmodCache", "StaticKV"]
+
+_SNAP_IDS = itertools.count()
 
 
-class PmodCache:
+@dataclass(frozen=True)
+class CacheSnapshot:
+    """What `PmodCache.restore` rewinds to: lengths (host), seqlens and positions (device), no KV."""
+
+    seq: int  # unique over all caches: a snapshot restores only into the cache (and line of history) it came from
+    lengths: tuple[tuple[int, ...], ...]  # [L][B]
+    seqlens: tuple[torch.Tensor | None, ...]  # [L] of [B] long
+    positions: torch.Tensor | None  # [B] long
+
+
+class PmodCache(CacheRows):
     def __init__(self, num_layers: int, batch_size: int, reserve: int = 0, heads_first: bool = False):
         self.num_layers, self.batch_size, self.reserve = num_layers, batch_size, reserve
         self.heads_first = heads_first
@@ -31,6 +48,7 @@ class PmodCache:
         self.positions: torch.Tensor | None = None  # [B] long: position id of the next token of each row
         self.static = False  # see make_static
         self._rows: torch.Tensor | None = None
+        self._snaps: set[int] = set()  # snapshots this cache can restore (see restore)
 
     @property
     def slot_dim(self) -> int:
@@ -99,15 +117,49 @@ class PmodCache:
         memo[id(seqlens)] = (seqlens, new)
         return new
 
+    # --- snapshots ------------------------------------------------------------------------------
+    def snapshot(self) -> CacheSnapshot:
+        """A point to rewind to (`restore`): lengths, seqlens and positions, no KV copy (slots past a length are
+        never read, and later writes land past every length). Static mode clones its in-place tensors (once here,
+        not per step); a dynamic cache replaces those tensors instead of writing them, so they are kept by reference."""
+        keep = (lambda t: None if t is None else t.clone()) if self.static else (lambda t: t)  # noqa: E731
+        snap = CacheSnapshot(next(_SNAP_IDS), tuple(tuple(r) for r in self.lengths), tuple(keep(t) for t in self.seqlens),
+                             keep(self.positions))
+        self._snaps.add(snap.seq)
+        return snap
+
+    def restore(self, snap: CacheSnapshot) -> None:
+        """Rewind to `snap`, the one way to rewind a cache. The mode stays: a static cache is updated in place (a
+        captured graph keeps reading the same tensors). Refused when the KV below the snapshot's lengths may have
+        changed: rows moved since, another cache's snapshot, or one taken after a snapshot restored since."""
+        if snap.seq not in self._snaps:
+            raise ValueError("PmodCache.restore: this snapshot does not describe this cache (another cache's, rows "
+                             "moved since, or taken after a snapshot that was restored since)")
+        if any(n < m for row, old in zip(self.lengths, snap.lengths) for n, m in zip(row, old)):
+            raise ValueError("PmodCache.restore: the cache is shorter than the snapshot; it can only rewind")
+        self._snaps = {s for s in self._snaps if s <= snap.seq}  # later snapshots describe writes about to be overwritten
+        self.lengths = [list(r) for r in snap.lengths]
+        if self.static:
+            for s, s0 in zip(self.seqlens, snap.seqlens):
+                s.copy_(s0)
+            self.positions.copy_(snap.positions)
+        else:
+            self.seqlens, self.positions = list(snap.seqlens), snap.positions
+
     # --- static mode (CUDA graphs) ---------------------------------------------------------------
-    def make_static(self, steps: int) -> None:
+    def make_static(self, steps: int, into: StaticKV | None = None) -> None:
         """Fix every tensor's address and shape for `steps` more decode steps (what a CUDA graph replays):
         capacity for them now, slots addressed by the device lengths, lengths and positions advanced in
         place, attention over the whole capacity with a length mask. Host lengths then follow through
-        `advance_host`, called once per replayed step."""
+        `advance_host`, called once per replayed step. `into`: tensors kept by a graph pool, loaded with this
+        cache's contents (its never-written slots zeroed) and adopted, so that an earlier capture replays here."""
         for i in range(self.num_layers):
             if self.k[i] is None:
                 raise RuntimeError(f"PmodCache: layer {i} was never prefilled; run a prefill before decoding")
+        if into is not None:
+            load_static(self, steps, into)
+            return
+        for i in range(self.num_layers):
             need = max(self.lengths[i]) + steps
             if need > self.k[i].shape[self.slot_dim]:
                 self._grow(i, need)
@@ -115,6 +167,16 @@ class PmodCache:
         self.positions = self.positions.clone()
         self._rows = torch.arange(self.batch_size, device=self.positions.device)
         self.static = True
+
+    def make_dynamic(self, own: bool = True) -> None:
+        """Back from static mode: the cache grows again. `own=True` copies tensors it may share (a graph pool's) into
+        its own, so that a later capture or replay cannot overwrite what the caller keeps."""
+        if own and self.static:
+            n = [max(r) for r in self.lengths]
+            self.k = [self._resized(t, m, m + self.reserve) for t, m in zip(self.k, n)]
+            self.v = [self._resized(t, m, m + self.reserve) for t, m in zip(self.v, n)]
+            self.seqlens, self.positions = [t.clone() for t in self.seqlens], self.positions.clone()
+        self.static = False
 
     def steps_left(self) -> int:
         """Decode steps that still fit the allocated capacity of every layer."""
@@ -152,20 +214,6 @@ class PmodCache:
         self.slots(new)[:, :filled] = view[:, :filled]
         self.slots(new)[:, filled:].zero_()  # never-written slots are zero: static mode reads them under a mask
         return new
-
-    def select_rows(self, rows: torch.Tensor) -> None:
-        """Keep only `rows` (e.g. to drop finished sequences from a batch)."""
-        if self.static:
-            raise RuntimeError("PmodCache.select_rows: this cache is static (a CUDA graph replays its tensors)")
-        keep = rows.tolist()
-        for i in range(self.num_layers):
-            if self.k[i] is not None:
-                self.k[i], self.v[i] = self.k[i][rows.to(self.k[i].device)], self.v[i][rows.to(self.v[i].device)]
-                self.seqlens[i] = self.seqlens[i][rows.to(self.seqlens[i].device)]
-                self.lengths[i] = [self.lengths[i][r] for r in keep]
-        if self.positions is not None:
-            self.positions = self.positions[rows.to(self.positions.device)]
-        self.batch_size = len(keep)
 
     # --- continuation (pmod.modeling.chunk) -----------------------------------------------------
     def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor, varlen: Varlen) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
@@ -206,69 +254,6 @@ class PmodCache:
         out.lengths = [list(row) for row in self.lengths]
         out.positions = clone(self.positions)
         return out
-
-    # --- row operations (continuous batching: rows join and leave between decode steps) -----------
-    def drop_rows(self, rows) -> None:
-        """Remove `rows` (indices into the current batch; finished or cancelled requests); the others keep their order."""
-        gone = set(int(r) for r in rows)
-        bad = [r for r in gone if not 0 <= r < self.batch_size]
-        if bad:
-            raise IndexError(f"PmodCache.drop_rows: row(s) {sorted(bad)} outside a batch of {self.batch_size}")
-        keep = [r for r in range(self.batch_size) if r not in gone]
-        device = self.positions.device if self.positions is not None else "cpu"
-        self.select_rows(torch.tensor(keep, dtype=torch.long, device=device))
-
-    def insert_rows(self, other: "PmodCache") -> None:
-        """Append the rows of `other` (a fresh prefill) after this cache's rows, in place.
-
-        Per layer the slot capacity becomes the larger of the two; the shorter side is zero-padded past its
-        lengths (slots beyond a row's length are never read: attention masks them by `seqlens`)."""
-        if self.static or other.static:
-            raise RuntimeError("PmodCache.insert_rows: a static cache (CUDA graph) cannot change its rows")
-        if other.num_layers != self.num_layers or other.heads_first != self.heads_first:
-            raise ValueError(f"PmodCache.insert_rows: caches differ ({self.num_layers} vs {other.num_layers} layers, "
-                             f"heads_first {self.heads_first} vs {other.heads_first})")
-        if self.batch_size == 0:
-            self._take(other)
-            return
-        for i in range(self.num_layers):
-            if (self.k[i] is None) != (other.k[i] is None):
-                raise RuntimeError(f"PmodCache.insert_rows: layer {i} is prefilled in only one of the caches")
-            if self.k[i] is None:
-                continue
-            cap = max(self.k[i].shape[self.slot_dim], other.k[i].shape[self.slot_dim])
-            for store, theirs in ((self.k, other.k), (self.v, other.v)):
-                store[i] = torch.cat([self._padded(store[i], cap), self._padded(theirs[i], cap)])  # [B + b, ...]
-            self.seqlens[i] = torch.cat([self.seqlens[i], other.seqlens[i].to(self.seqlens[i].device)])
-            self.lengths[i] = self.lengths[i] + other.lengths[i]
-        self.positions = torch.cat([self.positions, other.positions.to(self.positions.device)])
-        self.batch_size += other.batch_size
-
-    def compact(self, spare: int = 0) -> None:
-        """Shrink each layer's slot capacity to its longest row + `spare` (after long rows have left)."""
-        if self.static:
-            raise RuntimeError("PmodCache.compact: this cache is static (a CUDA graph replays its tensors)")
-        for i in range(self.num_layers):
-            if self.k[i] is None:
-                continue
-            cap = max(self.lengths[i], default=0) + spare
-            if cap < self.k[i].shape[self.slot_dim]:
-                self.k[i] = self.k[i].narrow(self.slot_dim, 0, cap).clone()
-                self.v[i] = self.v[i].narrow(self.slot_dim, 0, cap).clone()
-
-    def _padded(self, t: torch.Tensor, cap: int) -> torch.Tensor:
-        """`t` with its slot dimension zero-padded to `cap`."""
-        extra = cap - t.shape[self.slot_dim]
-        if extra == 0:
-            return t
-        shape = list(t.shape)
-        shape[self.slot_dim] = extra
-        return torch.cat([t, t.new_zeros(shape)], dim=self.slot_dim)
-
-    def _take(self, other: "PmodCache") -> None:
-        self.k, self.v, self.seqlens = list(other.k), list(other.v), list(other.seqlens)
-        self.lengths = [list(x) for x in other.lengths]
-        self.positions, self.batch_size, self.reserve = other.positions, other.batch_size, other.reserve
 
     # --- reports --------------------------------------------------------------------------------
     def layer_lengths(self) -> list[int] | torch.Tensor:

@@ -49,7 +49,9 @@ def generate(
     (`pmod.modeling.chunk`); pass `cache.copy()` to keep the prefix. The returned cache holds every generated
     token but the last one (never fed back): a further turn starts with it.
     `cuda_graph=True` (CUDA, SDPA or eager attention) replays each decode step from one captured graph
-    (`pmod.cudagraph.GraphedDecode`): the same tokens, without the per-kernel launch cost of the host.
+    (`pmod.cudagraph`): the same tokens, without the per-kernel launch cost of the host. Graphs are captured once
+    per (rows, capacity bucket, dtype, device) and kept by the model's pool (`decode_graphs(model)`, LRU of 4),
+    so later calls of a similar shape only copy their prefill into the graph's tensors.
     """
     cfg = model.config.text
     # every argument checked before the prefill allocates its cache (max_new_tokens=10**9 is refused here)
@@ -80,9 +82,11 @@ def generate(
         stream = _streamer(streamer, input_ids, attention_mask, pad)
         graph = None
         if cuda_graph and max_new_tokens > 1:
-            from pmod.cudagraph import GraphedDecode
+            from pmod.cudagraph import check_graphable, decode_graphs
 
-            graph = GraphedDecode(model, cache, max_new_tokens - 1)
+            pool = decode_graphs(model)
+            check_graphable(model, pool.capture)
+            graph = pool.acquire(cache, max_new_tokens - 1)  # captured once per key, then reused
         bad = torch.zeros((), dtype=torch.bool, device=logits.device)  # NaN/Inf seen, read at the step's one host sync
         for step in range(max_new_tokens):
             bad = bad | ~torch.isfinite(logits).all()
@@ -101,8 +105,8 @@ def generate(
                 break
             # ... but feed a real token (pad may be no vocab id)
             logits = graph.step(chosen) if graph is not None else model.decode_step(chosen, cache)
-        if graph is not None:
-            graph.close()
+        if graph is not None:  # a cache the caller keeps gets its own tensors: the pool's are replayed by later calls
+            graph.close(keep=return_cache or past_key_values is not None)
         if bool(bad):
             _raise_nonfinite(logits, len(steps) - 1)
         if hasattr(streamer, "end"):

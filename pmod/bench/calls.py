@@ -81,13 +81,13 @@ def replicate_rows(cache: PmodCache, batch: int) -> PmodCache:
     return c
 
 
-def _snapshot(cache: PmodCache) -> tuple:
-    return [list(x) for x in cache.lengths], list(cache.seqlens), cache.positions
+def _snapshot(cache: PmodCache):
+    return cache.snapshot()
 
 
-def _rewind(cache: PmodCache, snap: tuple) -> None:
-    """Back to the prefill state: later slots are beyond every length, so they are never read."""
-    cache.lengths, cache.seqlens, cache.positions = [list(x) for x in snap[0]], list(snap[1]), snap[2]
+def _rewind(cache: PmodCache, snap) -> None:
+    """Back to the snapshot (`PmodCache.restore`): later slots are beyond every length, so they are never read."""
+    cache.restore(snap)
 
 
 def _decoder(model, x: torch.Tensor, layout) -> torch.Tensor:

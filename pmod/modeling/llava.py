@@ -14,7 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pmod.attention import resolve_backend
@@ -24,10 +23,12 @@ from pmod.io import load_checkpoint, save_pretrained
 from pmod.modeling.block import AttnContext
 from pmod.modeling.chunk import advance_positions, check_continuable, chunk_layout
 from pmod.modeling.decoder import LanguageModel
+from pmod.modeling.init import init_weights
+from pmod.modeling.head import next_token_loss, output_logits
 from pmod.modeling.mod import RoutingRecord
 from pmod.modeling.projector import build_projector
 from pmod.modeling.vision import build_vision_tower
-from pmod.packing import IGNORE_INDEX, Layout, build_layout
+from pmod.packing import Layout, build_layout
 from pmod.validation import check_batch, check_images
 
 __all__ = ["PmodForConditionalGeneration", "PmodOutput", "from_pretrained"]
@@ -37,7 +38,7 @@ ImageSize = tuple[int, int]  # (width, height)
 
 @dataclass
 class PmodOutput:
-    logits: torch.Tensor | None  # [B, M, V] float32 ([B, V] with logits_to_keep='last')
+    logits: torch.Tensor | None  # [B, M, V] float32; [B, V] with logits_to_keep='last', [B, P, V] with positions
     loss: torch.Tensor | None = None
     past_key_values: PmodCache | None = None
     routing: list[RoutingRecord] = field(default_factory=list)
@@ -62,37 +63,9 @@ class PmodForConditionalGeneration(nn.Module):
         self.attn_backend = attn_backend
 
     # --- construction ---------------------------------------------------------------------------
-    @torch.no_grad()
     def init_weights(self, std: float | None = None) -> "PmodForConditionalGeneration":
-        """Fresh weights for the decoder side (the vision tower keeps transformers'/timm's init).
-
-        Linear and embedding weights ~ N(0, std) (std defaults to 0.02, LLaMA's initializer_range),
-        biases 0, norms 1; routers ~ N(0, mod.router_init_std) with bias 0: zero by default, so a
-        new p-MoD model starts with w = norm_bias (= 1 for TanhNorm), i.e. STRing is the identity.
-        image_newline ~ N(0, 1/sqrt(C)) as LLaVA-NeXT initialises it.
-        """
-        std = 0.02 if std is None else std
-        lm = self.language_model
-        for name, mod in [*lm.named_modules(prefix="language_model"), ("projector", self.projector), ("lm_head", self.lm_head)]:
-            if name.startswith("language_model.routers"):
-                continue
-            if isinstance(mod, (nn.Linear, nn.Embedding)):
-                mod.weight.normal_(0.0, std)
-                if getattr(mod, "bias", None) is not None:
-                    mod.bias.zero_()
-            elif hasattr(mod, "eps") and hasattr(mod, "weight"):  # RMSNorm
-                mod.weight.fill_(1.0)
-        for proj in self.projector.modules():
-            if isinstance(proj, nn.Linear):
-                proj.weight.normal_(0.0, std)
-                proj.bias.zero_()
-        for router in lm.routers.values():
-            router.weight.normal_(0.0, self.config.mod.router_init_std) if self.config.mod.router_init_std else router.weight.zero_()
-            if router.bias is not None:
-                router.bias.zero_()
-        if hasattr(self, "image_newline"):
-            self.image_newline.normal_(0.0, self.config.text.hidden_size**-0.5)
-        return self
+        """Fresh weights for the decoder side (`pmod.modeling.init.init_weights` documents every tensor's init)."""
+        return init_weights(self, std)
 
     @classmethod
     def from_pretrained(cls, path: str, **kwargs) -> "PmodForConditionalGeneration":
@@ -222,11 +195,13 @@ class PmodForConditionalGeneration(nn.Module):
         labels: torch.Tensor | None = None,
         use_cache: bool = False,
         cache_reserve: int = 0,
-        logits_to_keep: str = "all",
+        logits_to_keep: str | int | list | torch.Tensor = "all",
         output_routing: bool = True,
         past_key_values: PmodCache | None = None,
     ) -> PmodOutput:
-        """Prefill or training forward. `logits_to_keep='last'` returns [B, V] logits of each row's last token.
+        """Prefill or training forward. `logits_to_keep`: "all" [B, M, V], "last" [B, V] (each row's last token), "none",
+        an int k [B, k, V] (each row's last k tokens) or merged positions, shared (1-D) or per row -> [B, P, V]
+        (`pmod.modeling.head.output_logits`).
         With `past_key_values`, the inputs are a chunk that continues that cache in place (`pmod.modeling.chunk`):
         logits, routing and masks cover the chunk's tokens only."""
         if past_key_values is not None:
@@ -247,7 +222,7 @@ class PmodForConditionalGeneration(nn.Module):
         return self._output(h, labels, layout, cache, routing, logits_to_keep)
 
     def _continue(self, input_ids, images, image_sizes, attention_mask, labels, cache: PmodCache, cache_reserve: int,
-                  logits_to_keep: str, output_routing: bool) -> PmodOutput:
+                  logits_to_keep, output_routing: bool) -> PmodOutput:
         """A chunk appended to `cache` (every layer over its cache + the new tokens; positions continue)."""
         if labels is not None:
             raise ValueError("labels with past_key_values: training runs full sequences; continue only at inference")
@@ -264,32 +239,17 @@ class PmodForConditionalGeneration(nn.Module):
         advance_positions(cache, layout)
         return self._output(h, None, layout, cache, routing, logits_to_keep)
 
-    def _output(self, h: torch.Tensor, labels, layout: Layout, cache: PmodCache | None, routing, logits_to_keep: str) -> PmodOutput:
-        """Loss and logits of the final hidden states h [N, C] (packed as `layout`)."""
-        loss = None
-        if labels is not None:
-            loss = self._loss(h, labels, layout)
-        if logits_to_keep == "last":
-            last = (layout.varlen.cu_seqlens[1:] - 1).long().to(h.device)  # [B]
-            logits = self.lm_head(h.index_select(0, last)).float()  # [B, V]
-        elif logits_to_keep == "none":
-            logits = None
-        else:
-            logits = layout.pad(self.lm_head(h).float())  # [B, M, V]
+    def _output(self, h: torch.Tensor, labels, layout: Layout, cache: PmodCache | None, routing, logits_to_keep) -> PmodOutput:
+        """Loss and logits of the final hidden states h [N, C] (packed as `layout`; `pmod.modeling.head`)."""
+        loss = None if labels is None else self._loss(h, labels, layout)
         return PmodOutput(
-            logits=logits, loss=loss, past_key_values=cache, routing=routing,
-            attention_mask=layout.merged_mask(), vision_mask=layout.pad(layout.vision_mask, False), layout=layout,
+            logits=output_logits(self.lm_head, h, layout, logits_to_keep), loss=loss, past_key_values=cache,
+            routing=routing, attention_mask=layout.merged_mask(), vision_mask=layout.pad(layout.vision_mask, False),
+            layout=layout,
         )
 
     def _loss(self, h: torch.Tensor, labels: torch.Tensor, layout: Layout) -> torch.Tensor:
-        """Mean next-token cross-entropy over supervised merged positions, pooled over the batch."""
-        N = layout.num_tokens
-        lab = torch.full((N,), IGNORE_INDEX, dtype=torch.long, device=h.device)
-        lab = lab.index_copy(0, layout.text_dest.to(h.device), labels.to(h.device).flatten().index_select(0, layout.text_src.to(h.device)))
-        target = torch.cat([lab[1:], lab.new_full((1,), IGNORE_INDEX)])  # next token's label
-        target[(layout.varlen.cu_seqlens[1:] - 1).long().to(h.device)] = IGNORE_INDEX  # no next token across rows
-        logits = self.lm_head(h).float()  # [N, V]
-        return F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX)
+        return next_token_loss(self.lm_head, h, labels, layout)
 
     @torch.no_grad()
     def decode_step(self, token_ids: torch.Tensor, cache: PmodCache) -> torch.Tensor:
