@@ -190,7 +190,9 @@ class Engine:
     def _join(self, jobs: list[Job]) -> None:
         """Prefill `jobs` (`admit`: packed, or continuing stored prefixes); their first tokens; the unfinished rows
         join the running cache."""
+        t0 = time.perf_counter()
         parts = admit(self.model, jobs, self.pad_id, self.prefixes)
+        self.metrics.add(prefill_seconds=time.perf_counter() - t0)
         if self.prefixes is not None:
             self.metrics.set_prefix(self.prefixes.stats().as_dict())
         for part in parts:
@@ -217,9 +219,10 @@ class Engine:
             self._rows += keep
 
     def _decode(self) -> None:
+        t0 = time.perf_counter()
         tokens = torch.tensor([j.last for j in self._rows], device=self.model.device)  # [B]
         logits = self.model.decode_step(tokens, self._cache)  # [B, V]
-        self.metrics.add(decode_steps=1)
+        self.metrics.add(decode_steps=1, decode_seconds=time.perf_counter() - t0)
         self._remove(self._advance(self._rows, logits, self._cache))
 
     def _advance(self, jobs: list[Job], logits: torch.Tensor, cache) -> list[int]:

@@ -16,7 +16,8 @@ class Metrics:
         self._lock = threading.Lock()
         self.requests = dict.fromkeys(OUTCOMES, 0)
         self.counters = dict.fromkeys(("prompt_tokens", "prompt_tokens_cached", "generation_tokens", "prefill_flops",
-                                       "prefill_flops_dense", "decode_steps", "prefill_batches"), 0.0)
+                                       "prefill_flops_dense", "decode_steps", "prefill_batches", "prefill_seconds",
+                                       "decode_seconds"), 0.0)
         self.prefix: dict | None = None  # the prefix cache's stats (PrefixStats.as_dict()), when the server has one
         self.gauges = dict.fromkeys(("queue_length", "running_rows", "kv_cache_bytes", "kv_cache_dense_bytes"), 0)
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens generated at that step)
@@ -79,6 +80,9 @@ class Metrics:
         one("decode_steps_total", "counter", "Batched decode steps run.", c["decode_steps"])
         one("prefill_batches_total", "counter", "Packed prefills run (each admits one or more requests).",
             c["prefill_batches"])
+        one("prefill_seconds_total", "counter", "Engine time in prefills (model forwards of admitted requests).",
+            c["prefill_seconds"])
+        one("decode_seconds_total", "counter", "Engine time in decode steps (model forwards).", c["decode_seconds"])
         one("prompt_tokens_cached_total", "counter", "Prompt tokens served from the prefix cache (not prefilled).",
             c["prompt_tokens_cached"])
         if pc is not None:
