@@ -228,11 +228,12 @@ class Engine:
     def _advance(self, jobs: list[Job], logits: torch.Tensor, cache) -> list[int]:
         """Choose each row's next token, send its text; returns the rows that finished (their events sent)."""
         greedy = logits.argmax(-1)  # [B]
-        chosen = [greedy[i : i + 1] if j.temperature == 0 else
-                  sample_next(logits[i : i + 1], True, j.temperature, j.top_k, j.top_p, j.generator)
-                  for i, j in enumerate(jobs)]
+        if any(j.temperature != 0 for j in jobs):  # per-row samplers; all greedy: the argmax as it is (no B slices)
+            greedy = torch.cat([greedy[i : i + 1] if j.temperature == 0 else
+                                sample_next(logits[i : i + 1], True, j.temperature, j.top_k, j.top_p, j.generator)
+                                for i, j in enumerate(jobs)])
         finite = torch.isfinite(logits).all(-1).long()
-        toks, ok = torch.stack([torch.cat(chosen), finite]).tolist()  # the step's one host sync
+        toks, ok = torch.stack([greedy, finite]).tolist()  # the step's one host sync
         self.metrics.add(generation_tokens=len(jobs))
         done = []
         for i, (job, tok) in enumerate(zip(jobs, toks)):
