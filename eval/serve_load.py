@@ -108,21 +108,23 @@ def reference(model, processor, reqs: list[dict]) -> list[str]:
     return out
 
 
-def _server(model, processor, name: str, max_batch: int):
+def _server(model, processor, name: str, max_batch: int, prefix_cache_mb: float = 0.0):
     from pmod.serve.app import ServeSettings, create_app
     from pmod.serve.engine import Engine
     from pmod.serve.server import start_server
 
-    return start_server(create_app(Engine(model, processor, max_batch=max_batch, max_queue=4096).start(),
+    engine = Engine(model, processor, max_batch=max_batch, max_queue=4096, prefix_cache_bytes=int(prefix_cache_mb * 2**20))
+    return start_server(create_app(engine.start(),
                                    ServeSettings(model_name=name)))
 
 
 def _counted(srv, fn) -> dict:
     """fn()'s run, with the model calls it took (deterministic where timing is not: packed prefills, decode steps)."""
     c = srv.app.state.engine.metrics.counters
-    before = {k: c[k] for k in ("prefill_batches", "decode_steps")}
+    keys = ("prefill_batches", "decode_steps", "prefill_seconds", "decode_seconds")
+    before = {k: c[k] for k in keys}
     run = fn()
-    run.update({k: int(c[k] - v) for k, v in before.items()})
+    run.update({k: (int if k.endswith(("batches", "steps")) else float)(c[k] - v) for k, v in before.items()})
     return run
 
 
@@ -142,7 +144,7 @@ def part_tiny(args, folder: Path) -> dict:
     for label, ignore_eos in (("greedy, stops at EOS", False), (f"{args.tiny_tokens} tokens each (ignore_eos)", True)):
         reqs = bodies(images, args.clients * args.requests, args.tiny_tokens, ignore_eos)
         want = reference(model, processor, reqs)
-        srv = _server(model, processor, "tiny-synth-pmod", args.max_batch)
+        srv = _server(model, processor, "tiny-synth-pmod", args.max_batch, args.prefix_cache_mb)
         rounds = []
         try:
             for _ in range(args.rounds):  # interleaved: each round runs both modes back to back
@@ -158,7 +160,10 @@ def part_tiny(args, folder: Path) -> dict:
             f"{r['ratio']:.2f}x (errors {len(r['continuous']['errors'])}, mismatches "
             f"{r['continuous']['mismatches']}+{r['one_at_a_time']['mismatches']}; model calls "
             f"{r['continuous']['prefill_batches']}+{r['continuous']['decode_steps']} vs "
-            f"{r['one_at_a_time']['prefill_batches']}+{r['one_at_a_time']['decode_steps']})" for r in rounds), file=sys.stderr)
+            f"{r['one_at_a_time']['prefill_batches']}+{r['one_at_a_time']['decode_steps']}; engine in prefill + decode "
+            f"{r['continuous']['prefill_seconds']:.2f}+{r['continuous']['decode_seconds']:.2f} s of "
+            f"{r['continuous']['wall_s']:.2f} vs {r['one_at_a_time']['prefill_seconds']:.2f}+"
+            f"{r['one_at_a_time']['decode_seconds']:.2f} s of {r['one_at_a_time']['wall_s']:.2f})" for r in rounds), file=sys.stderr)
     return out
 
 
@@ -207,6 +212,9 @@ def main(argv=None) -> int:
     p.add_argument("--cpu-tokens", type=int, default=16)
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--prefix-cache-mb", type=float, default=0.0,
+                   help="the tiny part's server prefix cache (default 0: off, continuous batching alone; the requests "
+                        "cycle 8 images, so with it on most image prefills are skipped in both modes)")
     p.add_argument("--output", help="folder for results.json")
     args = p.parse_args(argv)
     result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",

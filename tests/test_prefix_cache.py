@@ -63,3 +63,43 @@ def test_questions_about_one_image_from_one_prefix_equal_whole_prompts():
     assert hits == [False, True, True] and (pc.hits, pc.misses) == (2, 1)
     kw, hit = continue_prefix(model, pc, torch.tensor([[1, 5, 6]]))  # no image: nothing to reuse
     assert not hit and "past_key_values" not in kw
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "eager"])
+def test_row_prefix_of_a_whole_prefill_equals_prefilling_the_prefix(backend):
+    """The server cuts a miss's prefix out of its whole prefill: for each row of a left-padded batch, the rows'
+    [prefix, text suffix] cache without the suffix equals a prefill of the prefix alone (lengths exactly, k/v in
+    float32 within 1e-5), and stacking the cut rows gives back those rows."""
+    from pmod.prefix_cache import row_prefix, stack_rows
+
+    model = tiny_model(layers=6)
+    model.attn_backend = backend
+    pix = torch.randn(2, 3, 42, 42, generator=torch.Generator().manual_seed(3))
+    rows = [[1, 5, 6, IMG, 10, 11, 12], [1, 7, IMG, 13, 14, 15, 16, 17]]  # suffixes of 3 and 5 text tokens
+    T = max(map(len, rows))
+    ids = torch.tensor([[0] * (T - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows])
+    with torch.inference_mode():
+        whole = model(input_ids=ids, images=pix, attention_mask=mask, use_cache=True).past_key_values
+        cut = [row_prefix(whole, b, len(r) - r.index(IMG) - 1) for b, r in enumerate(rows)]
+        alone = [model(input_ids=torch.tensor([r[: r.index(IMG) + 1]]), images=pix[b : b + 1], use_cache=True).past_key_values
+                 for b, r in enumerate(rows)]
+    for c, a in zip(cut, alone):
+        assert c.lengths == a.lengths and torch.equal(c.positions, a.positions)
+        assert c.layer_lengths()[-1] < c.layer_lengths()[0]  # a MoD layer holds fewer than a dense one
+        for i in range(c.num_layers):
+            n = a.lengths[i][0]
+            for x, y in ((c.k[i], a.k[i]), (c.v[i], a.v[i])):
+                torch.testing.assert_close(c.slots(x)[:, :n], a.slots(y)[:, :n], atol=1e-5, rtol=1e-5)
+            assert torch.equal(c.seqlens[i], torch.tensor([n]))
+    both = stack_rows(cut, spare=4)
+    assert both.batch_size == 2 and both.lengths == [[x.lengths[i][0] for x in cut] for i in range(both.num_layers)]
+    for b, c in enumerate(cut):
+        for i in range(c.num_layers):
+            n = c.lengths[i][0]
+            assert torch.equal(both.slots(both.k[i])[b, :n], c.slots(c.k[i])[0, :n])
+            assert both.k[i].shape[both.slot_dim] == max(both.lengths[i]) + 4
+    with pytest.raises(ValueError, match="fewer than"):
+        row_prefix(whole, 0, 10**6)
+    with pytest.raises(ValueError, match="one-row caches"):
+        stack_rows([whole])

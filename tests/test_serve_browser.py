@@ -70,3 +70,55 @@ def test_page_uploads_asks_streams_and_draws_the_routing_map(tmp_path):
     assert kept == [len(layer["kept"]) for layer in routing["layers"]] and len(kept) == 4
     assert "KV" in eff and "vs dense" in eff and "prefill" in eff
     assert dimmed < 0.6 * plain  # the deepest layer keeps 15 %: most of its panel is dimmed
+
+
+def test_page_draws_every_images_routing_map(tmp_path):
+    """Two images in one question: the page sends both and draws a row of layer panels per image, each with the
+    kept counts the server's routing map gives that image (usage.pmod.routing.images)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    pics = write_images(tmp_path, 2)
+    question = QUESTIONS[0]
+    model = _longer_context(tmp_path / "model", 1024)  # two 256-token images do not fit the shipped 512
+    content = [{"type": "image_url", "image_url": {"url": user_message("", p)[0]["content"][0]["image_url"]["url"]}}
+               for p in pics] + [{"type": "text", "text": question}]
+    with running_server(model) as srv:
+        direct = httpx.post(srv.url + "/v1/chat/completions", timeout=60, json={
+            "messages": [{"role": "user", "content": content}], "temperature": 0, "max_tokens": 6,
+            "pmod": {"routing": True}}).json()
+        drv = browser()
+        try:
+            drv.get(srv.url + "/")
+            wait = WebDriverWait(drv, 60)
+            wait.until(lambda d: d.find_element(By.ID, "model").text == "model")
+            drv.find_element(By.ID, "image").send_keys("\n".join(str(p) for p in pics))
+            wait.until(lambda d: d.find_element(By.ID, "status").text.startswith("2 images: "))
+            drv.find_element(By.ID, "max-tokens").clear()
+            drv.find_element(By.ID, "max-tokens").send_keys("6")
+            drv.find_element(By.ID, "ask").click()
+            wait.until(lambda d: d.find_element(By.ID, "status").text == "done" or "error" in d.find_element(By.ID, "status").text)
+            assert drv.find_element(By.ID, "status").text == "done"
+            answer = drv.find_element(By.ID, "answer").text
+            drawn = {int(c.get_attribute("data-image")): [] for c in drv.find_elements(By.CSS_SELECTOR, "#routing canvas")}
+            for c in drv.find_elements(By.CSS_SELECTOR, "#routing canvas"):
+                drawn[int(c.get_attribute("data-image"))].append(int(c.get_attribute("data-kept")))
+            titles = [h.text for h in drv.find_elements(By.CSS_SELECTOR, "#routing h3")]
+        finally:
+            drv.quit()
+    assert answer == direct["choices"][0]["message"]["content"]
+    routing = direct["usage"]["pmod"]["routing"]
+    assert [im["image"] for im in routing["images"]] == [0, 1] and titles == ["image 1", "image 2"]
+    assert drawn == {im["image"]: [len(layer["kept"]) for layer in im["layers"]] for im in routing["images"]}
+    assert drawn[0] != drawn[1] or routing["images"][0]["layers"] != routing["images"][1]["layers"]  # two maps, each its own
+
+
+def _longer_context(folder, n: int):
+    """The shipped tiny p-MoD model with a context of `n` positions (RoPE has no table to outgrow)."""
+    import json
+
+    shutil.copytree(PMOD, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["model_max_length"] = cfg["text"]["max_position_embeddings"] = n
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder

@@ -23,6 +23,8 @@ def add_parser(sub) -> None:
                                                "folder's name)")
     p.add_argument("--max-batch", type=int, default=32, help="rows decoded together (default 32)")
     p.add_argument("--max-queue", type=int, default=256, help="requests waiting beyond the batch; more get 429")
+    p.add_argument("--prefix-cache-mb", type=float, default=512.0,
+                   help="MiB of image prefixes kept for requests that ask about the same image again (LRU; 0: off)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ (default: none)")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds a request may take, queue included")
     p.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body in MiB (default 16)")
@@ -44,6 +46,8 @@ def run(args) -> int:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
     if args.request_timeout <= 0 or args.max_body_mb <= 0:
         raise ValueError("--request-timeout and --max-body-mb must be positive")
+    if not args.prefix_cache_mb >= 0:
+        raise ValueError(f"--prefix-cache-mb must be >= 0 (0: off), got {args.prefix_cache_mb}")
     folder = None
     if args.allowed_local_media_path:
         folder = Path(args.allowed_local_media_path)
@@ -57,7 +61,7 @@ def run(args) -> int:
                 "media": MediaPolicy(allowed_folder=folder, allow_remote=args.allow_remote_images)}
     app = build_app(args.model, dtype=args.dtype, device=args.device, attn_backend=args.attn_backend,
                     conv_template=args.conv_template, served_name=args.served_model_name, max_batch=args.max_batch,
-                    max_queue=args.max_queue, settings=settings)
+                    max_queue=args.max_queue, prefix_cache_mb=args.prefix_cache_mb, settings=settings)
     if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:
         print(f"pmod serve: warning: listening on {args.host} without --api-key", file=sys.stderr)
     serve(app, args.host, args.port, args.log_level)

@@ -1,8 +1,9 @@
 """The serving engine: one thread owns the model and runs continuous batching over the reduced KV cache.
 
 Each step, at the boundary between two decode steps: rows that finished, were cancelled or timed out leave (their
-cache rows dropped); waiting requests are prefilled together (one packed forward) and their rows appended to the
-running cache (`PmodCache.insert_rows`); then one decode step runs for every row, whatever its length. Per-row
+cache rows dropped); waiting requests are prefilled together (one packed forward; with a prefix cache, those whose
+image prefix is stored continue a copy of it instead: `pmod.serve.admit`) and their rows appended to the running
+cache (`PmodCache.insert_rows`); then one decode step runs for every row, whatever its length. Per-row
 sampling settings and generators make each answer what `model.generate` gives that request alone.
 An exception is charged to the request that raised it (a failed packed prefill is retried row by row); the engine
 goes on with the next step. Legend: B running rows, V vocab.
@@ -18,11 +19,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pmod.prefix_cache import PrefixCache
 from pmod.sampling import sample_next
-from pmod.serve.inputs import stack_inputs
+from pmod.serve.admit import admit
 from pmod.serve.metrics import Metrics
 from pmod.serve.text import AnswerText
-from pmod.serve.usage import kv_usage, prefill_efficiency, routing_map
+from pmod.serve.usage import kv_usage
 
 __all__ = ["Engine", "Job", "QueueFull"]
 
@@ -61,6 +63,8 @@ class Job:
     generator: torch.Generator | None = None
     efficiency: dict = field(default_factory=dict)
     routing_out: dict | None = None
+    prefix: tuple[str, int] | None = None  # (prefix-cache key, input ids in the prefix), when the prompt has one
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -71,10 +75,12 @@ class Job:
 
 
 class Engine:
-    def __init__(self, model, processor, max_batch: int = 32, max_queue: int = 256, metrics: Metrics | None = None):
+    def __init__(self, model, processor, max_batch: int = 32, max_queue: int = 256, metrics: Metrics | None = None,
+                 prefix_cache_bytes: int = 0):
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
         self.model, self.processor = model, processor
+        self.prefixes = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None  # image prefixes, LRU
         self.max_batch, self.max_queue = max_batch, max_queue
         self.metrics = metrics or Metrics()
         t = model.config.text
@@ -182,47 +188,52 @@ class Engine:
                     self._fail(job, 400 if isinstance(e1, ValueError) else 500, f"{type(e1).__name__}: {e1}")
 
     def _join(self, jobs: list[Job]) -> None:
-        """One packed prefill of `jobs`; their first tokens; the unfinished rows join the running cache."""
-        model = self.model
-        batch = stack_inputs([j.inputs for j in jobs], self.pad_id)
-        out = model(**batch, use_cache=True, cache_reserve=min(max(j.max_tokens for j in jobs), 64),
-                    logits_to_keep="last", output_routing=any(j.routing for j in jobs))
-        cache = out.past_key_values
-        self.metrics.add(prefill_batches=1)
-        for b, job in enumerate(jobs):
-            job.efficiency = prefill_efficiency(model.config, out.layout, b)
-            job.routing_out = routing_map(model.config, out, b) if job.routing else None
-            job.text = AnswerText(self.processor.decode, job.stop)
-            if job.seed is not None:
-                job.generator = torch.Generator(device=model.device).manual_seed(job.seed % 2**64)
-            self.metrics.add(prompt_tokens=job.prompt_tokens, prefill_flops=job.efficiency["prefill_tflops"] * 1e12,
-                             prefill_flops_dense=job.efficiency["prefill_tflops_dense"] * 1e12)
-        done = self._advance(jobs, out.logits, cache)
-        keep = [j for i, j in enumerate(jobs) if i not in done]
-        if not keep:
-            return
-        if done:
-            cache.drop_rows(done)
-        if self._cache is None or not self._rows:
-            self._cache = cache
-        else:
-            self._cache.insert_rows(cache)
-        self._rows += keep
+        """Prefill `jobs` (`admit`: packed, or continuing stored prefixes); their first tokens; the unfinished rows
+        join the running cache."""
+        t0 = time.perf_counter()
+        parts = admit(self.model, jobs, self.pad_id, self.prefixes)
+        self.metrics.add(prefill_seconds=time.perf_counter() - t0)
+        if self.prefixes is not None:
+            self.metrics.set_prefix(self.prefixes.stats().as_dict())
+        for part in parts:
+            self.metrics.add(prefill_batches=1)
+            for job in part.jobs:
+                job.text = AnswerText(self.processor.decode, job.stop)
+                if job.seed is not None:
+                    job.generator = torch.Generator(device=self.model.device).manual_seed(job.seed % 2**64)
+                eff = job.efficiency
+                self.metrics.add(prompt_tokens=job.prompt_tokens, prompt_tokens_cached=job.cached_tokens,
+                                 prefill_flops=eff["prefill_tflops"] * 1e12,
+                                 prefill_flops_dense=eff["prefill_tflops_dense"] * 1e12)
+            cache = part.cache
+            done = self._advance(part.jobs, part.logits, cache)
+            keep = [j for i, j in enumerate(part.jobs) if i not in done]
+            if not keep:
+                continue
+            if done:
+                cache.drop_rows(done)
+            if self._cache is None or not self._rows:
+                self._cache = cache
+            else:
+                self._cache.insert_rows(cache)
+            self._rows += keep
 
     def _decode(self) -> None:
+        t0 = time.perf_counter()
         tokens = torch.tensor([j.last for j in self._rows], device=self.model.device)  # [B]
         logits = self.model.decode_step(tokens, self._cache)  # [B, V]
-        self.metrics.add(decode_steps=1)
+        self.metrics.add(decode_steps=1, decode_seconds=time.perf_counter() - t0)
         self._remove(self._advance(self._rows, logits, self._cache))
 
     def _advance(self, jobs: list[Job], logits: torch.Tensor, cache) -> list[int]:
         """Choose each row's next token, send its text; returns the rows that finished (their events sent)."""
         greedy = logits.argmax(-1)  # [B]
-        chosen = [greedy[i : i + 1] if j.temperature == 0 else
-                  sample_next(logits[i : i + 1], True, j.temperature, j.top_k, j.top_p, j.generator)
-                  for i, j in enumerate(jobs)]
+        if any(j.temperature != 0 for j in jobs):  # per-row samplers; all greedy: the argmax as it is (no B slices)
+            greedy = torch.cat([greedy[i : i + 1] if j.temperature == 0 else
+                                sample_next(logits[i : i + 1], True, j.temperature, j.top_k, j.top_p, j.generator)
+                                for i, j in enumerate(jobs)])
         finite = torch.isfinite(logits).all(-1).long()
-        toks, ok = torch.stack([torch.cat(chosen), finite]).tolist()  # the step's one host sync
+        toks, ok = torch.stack([greedy, finite]).tolist()  # the step's one host sync
         self.metrics.add(generation_tokens=len(jobs))
         done = []
         for i, (job, tok) in enumerate(zip(jobs, toks)):
@@ -251,7 +262,8 @@ class Engine:
         kv, kv_dense = kv_usage(cache, row)
         pm = {**job.efficiency, "kv_bytes": kv, "kv_bytes_dense": kv_dense}
         usage = {"prompt_tokens": job.prompt_tokens, "completion_tokens": job.generated,
-                 "total_tokens": job.prompt_tokens + job.generated, "pmod": pm}
+                 "total_tokens": job.prompt_tokens + job.generated,
+                 "prompt_tokens_details": {"cached_tokens": job.cached_tokens}, "pmod": pm}
         self.metrics.outcome("ok")
         self._emit(job, {"type": "done", "finish_reason": reason, "text": job.text.text, "usage": usage,
                          "routing": job.routing_out})

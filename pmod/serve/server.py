@@ -13,7 +13,7 @@ __all__ = ["RunningServer", "build_app", "serve", "start_server"]
 
 def build_app(model_path: str, *, dtype="auto", device: str | None = None, attn_backend: str = "auto",
               conv_template: str | None = None, served_name: str | None = None, max_batch: int = 32,
-              max_queue: int = 256, settings: dict | None = None):
+              max_queue: int = 256, prefix_cache_mb: float = 0.0, settings: dict | None = None):
     """Model, processor, engine (started) and app for `model_path`."""
     import torch
 
@@ -24,7 +24,8 @@ def build_app(model_path: str, *, dtype="auto", device: str | None = None, attn_
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     processor = pmod.load_processor(model_path, template=conv_template)
     model = pmod.from_pretrained(model_path, dtype=dtype, device=device, attn_backend=attn_backend).eval()
-    engine = Engine(model, processor, max_batch=max_batch, max_queue=max_queue).start()
+    engine = Engine(model, processor, max_batch=max_batch, max_queue=max_queue,
+                    prefix_cache_bytes=int(prefix_cache_mb * 2**20)).start()
     name = served_name or Path(str(model_path).rstrip("/")).name
     return create_app(engine, ServeSettings(model_name=name, **(settings or {})))
 
@@ -58,6 +59,7 @@ def start_server(app, host: str = "127.0.0.1", port: int = 0, log_level: str = "
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # accepted sockets inherit it: no Nagle wait on replies
     sock.bind((host, port))
     server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="pmod-http", daemon=True)
