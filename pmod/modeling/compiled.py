@@ -8,7 +8,7 @@ passed there (`attention_compiled.py`) are written for tracing (no host lists, n
 Decode writes into the cache's full-capacity tensors at each row's device length and attends over the whole
 capacity under a length mask (gpt-fast's static cache), so every step has the same shapes: one graph for all
 steps, which `mode="reduce-overhead"` can replay as a CUDA graph (cache tensors are marked static addresses).
-What the graphs do not cover runs eagerly as before: training (grad), labels, continuation chunks, DeepStack
+What the graphs do not cover runs eagerly as before: grad-enabled calls (training), labels, continuation chunks, DeepStack
 injection, flash-attn, a model split over devices, a cache in CUDA-graph static mode.
 Legend: L layers, B rows, N packed tokens, Nk kept tokens, K max kept per row, C hidden, V vocab, S cache slots.
 """
@@ -93,13 +93,17 @@ class CompiledDecoder:
         kwargs = {"fullgraph": True, **torch_compile_kwargs}
         self.prefill_fn = torch.compile(prefill_stack, **kwargs)
         self.decode_fn = torch.compile(decode_stack, **kwargs)
+        self._one_device: tuple = (None, False)
 
     # --- which calls the graphs take ------------------------------------------------------------
     def _takes(self, backend) -> bool:
-        if backend.name not in ("sdpa", "eager"):  # flash-attn's calls are not traced here
+        """Inference (no grad) with SDPA or eager attention (flash-attn's calls are not traced), on one device."""
+        if torch.is_grad_enabled() or backend.name not in ("sdpa", "eager"):
             return False
-        m = self.model
-        return not (m.training and torch.is_grad_enabled()) and len({p.device for p in m.language_model.parameters()}) == 1
+        dev = self.model.device
+        if self._one_device[0] != dev:  # checked again only after the model moves
+            self._one_device = (dev, len({p.device for p in self.model.language_model.parameters()}) == 1)
+        return self._one_device[1]
 
     def takes_prefill(self, layout: Layout, backend, labels, extend: bool) -> bool:
         return labels is None and not extend and layout.inject is None and self._takes(backend)
