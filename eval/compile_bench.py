@@ -10,6 +10,7 @@ import json
 
 import torch
 
+import pmod.bench.compiled  # noqa: F401  (registers the `compiled` section)
 from pmod.bench.cli import run_benchmark
 from pmod.bench.presets import PRESETS, resolve_preset
 

@@ -3,6 +3,8 @@
 Both run in one process on the same model (compiled or not is a switch: dynamo's graphs are kept between
 switches), interleaved rounds, the first compiled call (the compilation) inside the warm-up and timed apart.
 Rows: model, phase, eager / compiled medians, the paired ratio eager / compiled (> 1: compiled is faster).
+Registered when this module is imported (`eval/compile_bench.py` does), not among the built-ins: an inductor compile
+takes minutes on a small CPU, which the default `pmod bench` run (and its tiny-preset test) should not pay.
 """
 from __future__ import annotations
 

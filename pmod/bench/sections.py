@@ -316,5 +316,3 @@ for _section in (
             lambda c: c.rounds * 5, report.md_packing, needs_hf=True),
 ):
     register_section(_section)
-
-from pmod.bench import compiled as _compiled  # noqa: E402,F401  (registers the "compiled" section)
