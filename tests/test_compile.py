@@ -31,11 +31,11 @@ def _compiles() -> int:
 def _inputs(case: str):
     if case == "dense":
         ids, mask, n = make_batch([(3, 0, 6)])
-        return dict(input_ids=ids)
+        return {"input_ids": ids}
     rows = [(3, 1, 5), (7, 0, 2), (1, 1, 4)] if case == "left_padded" else [(2, 1, 6)]
     ids, mask, n = make_batch(rows, side="left")
     pix = torch.randn(n, 3, 42, 42, generator=torch.Generator().manual_seed(1))
-    return dict(input_ids=ids, images=pix, attention_mask=mask if case == "left_padded" else None)
+    return {"input_ids": ids, "images": pix, "attention_mask": mask if case == "left_padded" else None}
 
 
 def _anyres_model(official_dir, tmp_path):
@@ -49,7 +49,7 @@ def _anyres_model(official_dir, tmp_path):
     sd.update(load_file(official_dir / "anyres" / "image_newline.safetensors"))
     save_file(sd, ck / "model.safetensors")
     ref = load_file(official_dir / "anyres.safetensors")
-    inputs = dict(input_ids=ref["input_ids"], images=ref["images"], image_sizes=ref["image_sizes_wh"].tolist())
+    inputs = {"input_ids": ref["input_ids"], "images": ref["images"], "image_sizes": ref["image_sizes_wh"].tolist()}
     return pmod.from_pretrained(ck).eval(), inputs
 
 

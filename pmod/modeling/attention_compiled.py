@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from pmod.packing import Layout, Varlen
 
-__all__ = ["PackedRows", "packed_rows", "TracedAttention", "CollectKV", "SlotWriter"]
+__all__ = ["CollectKV", "PackedRows", "SlotWriter", "TracedAttention", "packed_rows"]
 
 
 class PackedRows(NamedTuple):
