@@ -61,6 +61,7 @@ class PmodForConditionalGeneration(nn.Module):
         if config.uses_image_newline:
             self.image_newline = nn.Parameter(torch.zeros(t.hidden_size))
         self.attn_backend = attn_backend
+        self._compiled = None  # a CompiledDecoder after `compile()`
 
     # --- construction ---------------------------------------------------------------------------
     def init_weights(self, std: float | None = None) -> "PmodForConditionalGeneration":
@@ -92,6 +93,14 @@ class PmodForConditionalGeneration(nn.Module):
         if value not in ("auto", "torch", "triton"):
             raise ValueError(f"kernel_backend={value!r}; expected 'auto', 'torch' or 'triton'")
         self.language_model.kernel_backend = value
+
+    def compile(self, **torch_compile_kwargs) -> "PmodForConditionalGeneration":
+        """Prefill and decode of the decoder through `torch.compile(fullgraph=True, **torch_compile_kwargs)`, one graph
+        each for every prompt length (`pmod.modeling.compiled`); `generate` then uses them. `disable=True` undoes it."""
+        from pmod.modeling.compiled import CompiledDecoder
+
+        self._compiled = None if torch_compile_kwargs.get("disable") else CompiledDecoder(self, **torch_compile_kwargs)
+        return self
 
     def gradient_checkpointing_enable(self) -> None:
         self.language_model.gradient_checkpointing = True
@@ -213,8 +222,11 @@ class PmodForConditionalGeneration(nn.Module):
         if use_cache:  # stored in the layout this backend's decode reads
             cache = PmodCache(self.config.text.num_hidden_layers, layout.batch_size, reserve=cache_reserve,
                               heads_first=backend.heads_first_cache)
+        run = self.language_model
+        if self._compiled is not None and self._compiled.takes_prefill(layout, backend, labels, extend=False):
+            run = self._compiled.prefill
         with backend.scope(x.device):
-            h, routing = self.language_model(x, layout, AttnContext(backend, layout.varlen, cache), record=output_routing)
+            h, routing = run(x, layout, AttnContext(backend, layout.varlen, cache), record=output_routing)
         layout.inject = None  # DeepStack features are consumed (autograd keeps what it needs): not kept alive by the output
         if cache is not None:
             start = layout.next_positions if layout.next_positions is not None else layout.varlen.lens
@@ -260,6 +272,9 @@ class PmodForConditionalGeneration(nn.Module):
                              f"attention backend {backend.name!r} reads the other layout: prefill again with it")
         if token_ids.device != self.device:
             token_ids = token_ids.to(self.device)
+        if self._compiled is not None and self._compiled.takes_decode(cache, backend):
+            with backend.scope(self.device):
+                return self._compiled.decode_step(token_ids, cache)
         x = self.language_model.embed_tokens(token_ids)  # [B, C]
         ctx = AttnContext(backend, cache=cache, decode=True)
         with backend.scope(x.device):
