@@ -22,14 +22,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
-import torch
 
 from pmod.config import PmodConfig, TextConfig, VisionConfig
-from pmod.schedule import kept_count
+from pmod.flops_kv import KV_CONVENTIONS, KVReport, kv_cache_bytes
+from pmod.flops_tokens import NATIVE_DEFAULT_SIZE, Counts, _samples, image_tokens, scoring_flops, tokens_per_layer
+from pmod.reduction.spec import ReductionSpec, visionzip_split
 
 __all__ = [
-    "CONVENTIONS", "KV_CONVENTIONS", "FlopReport", "KVReport", "linear_flops", "attention_flops",
-    "layer_linear_macs", "tokens_per_layer", "decoder_flops_from_tokens", "vision_flops", "projector_flops",
+    "NATIVE_DEFAULT_SIZE", "CONVENTIONS", "KV_CONVENTIONS", "FlopReport", "KVReport", "linear_flops", "attention_flops",
+    "layer_linear_macs", "tokens_per_layer", "scoring_flops", "decoder_flops_from_tokens", "vision_flops", "projector_flops",
     "count_flops", "kv_cache_bytes", "format_table", "format_flops", "flops_unit", "image_tokens",
 ]
 
@@ -37,15 +38,10 @@ CONVENTIONS = {
     "paper": "paper: prefill, LLM linears + lm_head, no attention scores",
     "complete": "complete: all matmuls incl. attention scores (full rectangle), router",
 }
-KV_CONVENTIONS = ("paper", "paper_int", "complete")
 # transformers.CLIPVisionConfig defaults, for keys a VisionConfig.clip dict leaves out
 _CLIP = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_channels=3, image_size=224,
              patch_size=32)
-Counts = int | Sequence[int]
 _UNITS = (("TFLOPs", 1e12), ("GFLOPs", 1e9))
-
-
-NATIVE_DEFAULT_SIZE = (672, 672)  # Qwen2.5-VL has no grid to default to: the LLaVA-NeXT comparison size
 
 
 def flops_unit(x: float) -> tuple[str, float]:
@@ -57,38 +53,6 @@ def format_flops(x: float, unit: str | None = None, digits: int = 2) -> str:
     """'8.38 TFLOPs', '812.45 GFLOPs': `x` FLOPs in `unit` (default: `flops_unit(x)`)."""
     name, scale = flops_unit(x) if unit is None else next((n, s) for n, s in _UNITS if n == unit)
     return f"{x / scale:.{digits}f} {name}"
-
-
-def image_tokens(config: PmodConfig, image_size_wh: tuple[int, int] | None = None, images: int = 1) -> tuple[int, int]:
-    """(vision tokens, S×S tower inputs) of `images` images as the model lays them out. pad / square: P = (S/p)²
-    tokens and one tower input per image, whatever its size. anyres: the tokens of an image of `image_size_wh`
-    (default: the largest grid pinpoint, e.g. 672×672 -> 2928 at LLaVA-NeXT-7B) over 1 + grid crops; LLaVA-OneVision's
-    anyres_max_N shrinks that map (2304×2304 -> 7371 at 7B). native (Qwen2.5-VL): the merged patch grid of the image
-    resized by smart_resize (default 672×672 -> 576 tokens), one tower input per image."""
-    if images < 0:
-        raise ValueError(f"images must be >= 0, got {images}")
-    v = config.vision
-    if config.image_aspect_ratio == "native":
-        from pmod.multimodal.qwen2_5_vl import qwen_num_tokens
-
-        c = v.clip
-        n = qwen_num_tokens(tuple(image_size_wh or NATIVE_DEFAULT_SIZE), c.get("patch_size", 14), c.get("spatial_merge_size", 2),
-                            v.min_pixels or 56 * 56, v.max_pixels or 28 * 28 * 1280)
-        return images * n, images
-    if config.image_aspect_ratio != "anyres":
-        return images * v.num_patches, images
-    from pmod.multimodal.anyres import anyres_num_tokens, grid_shape
-
-    pins = config.image_grid_pinpoints
-    size = tuple(image_size_wh) if image_size_wh else tuple(max(pins, key=lambda wh: wh[0] * wh[1]))
-    gw, gh = grid_shape(size, pins, v.image_size)
-    if config.anyres_max_crops is not None:
-        from pmod.multimodal.onevision import onevision_num_tokens
-
-        n = onevision_num_tokens(size, pins, v.image_size, v.image_size // v.patch_size, config.anyres_max_crops)
-    else:
-        n = anyres_num_tokens(size, pins, v.image_size, v.image_size // v.patch_size, config.mm_patch_merge_type)
-    return images * n, images * (1 + gw * gh)
 
 
 def linear_flops(n: int, d_in: int, d_out: int) -> int:
@@ -107,13 +71,6 @@ def layer_linear_macs(text: TextConfig) -> int:
     """Multiply-adds per token of a decoder layer's linears: q, o (d·h·e each), k, v (d·g·e), gate, up, down."""
     d, e = text.hidden_size, text.head_dim
     return 2 * d * e * (text.num_attention_heads + text.num_key_value_heads) + 3 * d * text.intermediate_size
-
-
-def tokens_per_layer(config: PmodConfig, n_vision: int, n_text: int) -> list[int]:
-    """n_l: all n tokens in a dense layer, n_text + k_l in a MoD layer (k_l truncated as the official code does)."""
-    ratios = config.mod_ratios
-    return [n_text + (kept_count(n_vision, ratios[i]) if i in ratios else n_vision)
-            for i in range(config.text.num_hidden_layers)]
 
 
 def decoder_flops_from_tokens(
@@ -158,23 +115,6 @@ def projector_flops(config: PmodConfig, n_features: int) -> int:
     dim, d = _clip(config.vision)["hidden_size"], config.text.hidden_size
     extra = linear_flops(n_features, d, d) if config.projector_type == "mlp2x_gelu" else 0
     return linear_flops(n_features, dim, d) + extra
-
-
-def _samples(n_vision: Counts, n_text: Counts, batch: int, images: Counts | None = 0) -> list[tuple[int, int, int]]:
-    """Per-sample (n_vision, n_text, n_images), checked: ints >= 0, n > 0, equal-length lists, batch >= 1."""
-    if batch < 1:
-        raise ValueError(f"batch must be >= 1, got {batch}")
-    args = {"n_vision": n_vision, "n_text": n_text, "n_images": images}
-    lists = [x for x in args.values() if not isinstance(x, int)]
-    size = len(lists[0]) if lists else batch
-    if any(len(x) != size for x in lists) or (lists and batch not in (1, size)):
-        raise ValueError(f"per-sample lists must agree in length (and with batch={batch}): {args}")
-    rows = list(zip(*[[x] * size if isinstance(x, int) else list(x) for x in args.values()]))
-    for v, t, i in rows:
-        if not all(isinstance(x, int) and x >= 0 for x in (v, t, i)) or v + t == 0:
-            raise ValueError(f"token and image counts must be integers >= 0 with n_vision + n_text > 0, got "
-                             f"n_vision={v!r}, n_text={t!r}, n_images={i!r}")
-    return rows
 
 
 @dataclass(frozen=True)
@@ -225,13 +165,15 @@ class FlopReport:
 def count_flops(
     config: PmodConfig, n_vision: Counts, n_text: Counts, convention: str = "paper", *,
     include_vision: bool = False, decode_steps: int = 0, batch: int = 1, last_only: bool = False,
-    n_images: Counts | None = None, vision_layers: int | None = None,
+    n_images: Counts | None = None, vision_layers: int | None = None, reduction: ReductionSpec | None = None,
 ) -> FlopReport:
     """FLOPs of a forward (see the module docstring for both conventions), with the dense twin in `.dense`.
 
     n_vision, n_text: per sample, an int (repeated `batch` times) or a list. n_images: S×S images through
     the tower per sample; by default n_vision / (tokens per image), which anyres layouts must pass
-    explicitly (1 + crops). Only `complete` takes include_vision, decode_steps and last_only."""
+    explicitly (1 + crops). Only `complete` takes include_vision, decode_steps and last_only. `reduction`: a
+    training-free method (`pmod.reduction`) on top of the config's layers; n_vision is then what the unreduced
+    model sees, and `complete` adds the method's scoring (`scoring_flops`)."""
     if convention not in CONVENTIONS:
         raise ValueError(f"unknown convention {convention!r}; expected one of {tuple(CONVENTIONS)}")
     if convention == "paper" and (include_vision or decode_steps or last_only):
@@ -249,9 +191,9 @@ def count_flops(
     samples = _samples(n_vision, n_text, batch, n_images if include_vision else 0)
     opts = (convention, decode_steps, last_only, vision_layers)
     dense = _count(config.replace(mod={"schedule": "none"}), samples, *opts)
-    if config.is_dense:
+    if config.is_dense and reduction is None:
         return dense
-    return FlopReport(**{**_count(config, samples, *opts).__dict__, "dense": dense})
+    return FlopReport(**{**_count(config, samples, *opts, reduction).__dict__, "dense": dense})
 
 
 def _flat(x: Counts) -> list[int]:
@@ -259,15 +201,20 @@ def _flat(x: Counts) -> list[int]:
 
 
 def _count(config: PmodConfig, samples: list[tuple[int, int, int]], convention: str, steps: int, last_only: bool,
-           vision_layers: int | None) -> FlopReport:
+           vision_layers: int | None, reduction: ReductionSpec | None = None) -> FlopReport:
     t, mod, complete = config.text, config.mod_ratios, convention == "complete"
     L, macs, lm = t.num_hidden_layers, layer_linear_macs(t), linear_flops(1, t.hidden_size, t.vocab_size)
     acc = {"per_layer": [0] * L, "tokens_per_layer": [0] * L, "kv_len_per_layer": [0] * L}
     decoder = lm_head = decode = 0
+    zip_per = sum(visionzip_split(config.vision.num_patches, reduction.keep)) if reduction and reduction.method == "visionzip" else None
     for v, n_t, _ in samples:
-        toks = tokens_per_layer(config, v, n_t)
-        router = [v if complete and i in mod else 0 for i in range(L)]
+        toks = tokens_per_layer(config, v, n_t, reduction)
+        vis = reduction.vision_per_layer(L, v, config.vision.num_patches) if reduction else [v] * L  # before routing
+        router = [vis[i] if complete and i in mod else 0 for i in range(L)]
         layers = decoder_flops_from_tokens(config, toks, router_tokens=router, attention=complete)
+        if complete:
+            layers = [a + b for a, b in zip(layers, scoring_flops(config, reduction, v, n_t))]
+        v = v if zip_per is None else v // config.vision.num_patches * zip_per  # the sequence VisionZip leaves
         # decode step j (1..s): 1 token per layer against c_l + j keys; Σ_j (c_l + j) = s·c_l + s(s+1)/2
         dec = [2 * steps * macs + 4 * t.num_attention_heads * t.head_dim * (steps * c + steps * (steps + 1) // 2)
                for c in toks]
@@ -279,63 +226,9 @@ def _count(config: PmodConfig, samples: list[tuple[int, int, int]], convention: 
         decode += sum(dec) + lm * steps
     images = sum(i for _, _, i in samples)  # 0 unless include_vision
     vision = vision_flops(config.vision, images, layers=vision_layers) if images else 0
-    projector = projector_flops(config, images * config.vision.num_patches) if images else 0
+    projector = projector_flops(config, images * (zip_per or config.vision.num_patches)) if images else 0
     return FlopReport(convention, decoder=decoder, lm_head=lm_head, vision=vision, projector=projector,
                       decode=decode, batch=len(samples), **acc)
-
-
-@dataclass(frozen=True)
-class KVReport:
-    """KV-cache bytes per layer (2·g·e·c_l·bytes, summed over the batch) for p-MoD and its dense twin.
-
-    `ratio` follows `convention`: 'paper' = vision-token entries averaged over layers with fractional
-    ratios, (L - |MoD| + Σ r_l) / L, text not counted (53.75 % at the default 32-layer schedule, the
-    paper's 53.8 %); 'paper_int' = the same with integer k_l, Σ_l k_l / (L·n_vision) (53.69 % at 576
-    tokens, the paper's v2 53.7 %); 'complete' = total bytes / dense bytes, text included."""
-
-    convention: str
-    per_layer: list[int]
-    dense_per_layer: list[int]
-    vision_fraction: float
-    vision_fraction_int: float
-
-    @property
-    def total(self) -> int:
-        return sum(self.per_layer)
-
-    @property
-    def dense_total(self) -> int:
-        return sum(self.dense_per_layer)
-
-    @property
-    def ratio(self) -> float:
-        return {"paper": self.vision_fraction, "paper_int": self.vision_fraction_int,
-                "complete": self.total / self.dense_total}[self.convention]
-
-
-def kv_cache_bytes(
-    config: PmodConfig, n_vision: Counts, n_text: Counts, dtype: torch.dtype | int = torch.float16,
-    convention: str = "paper", *, decode_steps: int = 0, batch: int = 1,
-) -> KVReport:
-    """KV cache held after prefill (+ decode steps): a dense layer keeps n + s entries, a MoD layer
-    n_text + k_l + s. `dtype` is a torch dtype or bytes per element."""
-    if convention not in KV_CONVENTIONS:
-        raise ValueError(f"unknown KV convention {convention!r}; expected one of {KV_CONVENTIONS}")
-    if decode_steps < 0:
-        raise ValueError(f"decode_steps must be >= 0, got {decode_steps}")
-    size = dtype if isinstance(dtype, int) else dtype.itemsize
-    t, L, mod = config.text, config.text.num_hidden_layers, config.mod_ratios
-    samples = _samples(n_vision, n_text, batch)
-    per_entry = 2 * t.num_key_value_heads * t.head_dim * size
-    per, dense, kept = [0] * L, [0] * L, 0
-    for v, n_t, _ in samples:
-        toks = tokens_per_layer(config, v, n_t)
-        per = [a + per_entry * (c + decode_steps) for a, c in zip(per, toks)]
-        dense = [a + per_entry * (v + n_t + decode_steps) for a in dense]
-        kept += sum(c - n_t for c in toks)
-    vis = sum(v for v, _, _ in samples)
-    frac = (L - len(mod) + sum(mod.values())) / L if vis else 1.0
-    return KVReport(convention, per, dense, frac, kept / (L * vis) if vis else 1.0)
 
 
 def format_table(report: FlopReport, dense_report: FlopReport | None = None) -> str:
