@@ -387,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="element type of the KV cache bytes (default float16)")
     p.set_defaults(fn=cmd_flops)
 
-    for name, module in (("train", "pmod.training.cli"), ("eval", "pmod.evaluation.cli"), ("bench", "pmod.bench"), ("demo", "pmod.tools.demo"), ("compare-strategies", "pmod.tools.compare"), ("serve", "pmod.serve.cli")):
+    for name, module in (("train", "pmod.training.cli"), ("eval", "pmod.evaluation.cli"), ("bench", "pmod.bench"), ("demo", "pmod.tools.demo"), ("compare-strategies", "pmod.tools.compare"), ("serve", "pmod.serve.cli"), ("compare-methods", "pmod.tools.compare_methods")):
         try:
             mod = __import__(module, fromlist=["add_parser"])
         except ModuleNotFoundError as e:

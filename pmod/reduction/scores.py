@@ -17,7 +17,7 @@ __all__ = ["last_token_attention", "vision_attention_scores", "random_scores", "
 
 
 def last_token_attention(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: Layout) -> torch.Tensor:
-    """[B, M] float32: the attention each merged position gets from its row's last token in `layer` (a DecoderLayer,
+    """[B, M] (float32, or float64 for float64 inputs): the attention each merged position gets from its row's last token in `layer` (a DecoderLayer,
     run on its input x [N, C] with RoPE tables cos, sin [N, 1, 2, D/2]), averaged over heads; 0 where no token is."""
     attn = layer.self_attn
     h = layer.input_layernorm(x)  # [N, C]
@@ -25,8 +25,9 @@ def last_token_attention(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.T
     q = attn.queries(h.index_select(0, last), cos.index_select(0, last), sin.index_select(0, last))  # [B, H, D]
     k = layout.pad(attn.keys(h, cos, sin))  # [B, M, G, D], zero where padded
     B, M, G, D = k.shape
-    q = q.view(B, G, attn.H // G, D).float()  # [B, G, H/G, D]: query heads grouped by their kv head
-    logits = torch.einsum("bgrd,bmgd->bgrm", q, k.float()) * attn.scale  # [B, G, H/G, M]
+    acc = torch.promote_types(q.dtype, torch.float32)  # float32 at least (float64 stays: the tests' oracle)
+    q = q.view(B, G, attn.H // G, D).to(acc)  # [B, G, H/G, D]: query heads grouped by their kv head
+    logits = torch.einsum("bgrd,bmgd->bgrm", q, k.to(acc)) * attn.scale  # [B, G, H/G, M]
     logits = logits.masked_fill(~layout.merged_mask()[:, None, None, :], float("-inf"))
     return logits.softmax(-1).mean(dim=(1, 2))  # [B, M]
 
