@@ -158,7 +158,7 @@ def add_parser(sub) -> None:
                    help=f"a p-MoD checkpoint to compare (repeat: ablations); default p-MoD={PMOD_CKPT}")
     p.add_argument("--dense", default=str(DENSE_CKPT), help="the dense twin the training-free methods reduce")
     p.add_argument("--methods", default=",".join(METHODS), help="comma list of training-free methods")
-    p.add_argument("--budgets", default="pmod,0.35,0.75",
+    p.add_argument("--budgets", default="pmod,0.25,0.4,0.75",
                    help="FLOPs shares of dense to match: 'pmod' (the first --model's own) and numbers in (0, 1)")
     p.add_argument("--output", default="compare-methods-output")
     p.add_argument("--n-test", type=int, default=600, help="test questions (the fixed split's first N)")
