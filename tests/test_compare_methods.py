@@ -37,5 +37,6 @@ def test_match_keep_hits_the_target_and_bad_budgets_are_named(tmp_path):
 
 def test_pareto_front():
     rows = [{"flops_share": 1.0, "accuracy": 0.8}, {"flops_share": 0.5, "accuracy": 0.8}, {"flops_share": 0.3, "accuracy": 0.6},
-            {"flops_share": 0.5, "accuracy": 0.7}]
+            {"flops_share": 0.5, "accuracy": 0.7}, {"flops_share": 0.298, "accuracy": 0.4}]  # the last: a near-equal budget
     assert pareto(rows) == [rows[2], rows[1]]
+    assert pareto(rows, tol=0.0) == [rows[4], rows[2], rows[1]]

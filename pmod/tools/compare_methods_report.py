@@ -28,12 +28,13 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def pareto(rows: list[dict]) -> list[dict]:
-    """The rows no other row beats on both axes (fewer or equal FLOPs and higher or equal accuracy, one strictly)."""
-    def beaten(r):
-        return any(o is not r and o["flops_share"] <= r["flops_share"] and o["accuracy"] >= r["accuracy"]
-                   and (o["flops_share"] < r["flops_share"] or o["accuracy"] > r["accuracy"]) for o in rows)
-    return sorted((r for r in rows if not beaten(r)), key=lambda r: r["flops_share"])
+def pareto(rows: list[dict], tol: float = 0.005) -> list[dict]:
+    """The rows no other row beats: a row is beaten by one at most `tol` more FLOPs share (budgets are matched to
+    about that) with higher accuracy, or by one at fewer FLOPs with equal accuracy. Ascending FLOPs."""
+    def beats(o, r):
+        return o is not r and ((o["flops_share"] <= r["flops_share"] + tol and o["accuracy"] > r["accuracy"])
+                               or (o["flops_share"] < r["flops_share"] and o["accuracy"] == r["accuracy"]))
+    return sorted((r for r in rows if not any(beats(o, r) for o in rows)), key=lambda r: r["flops_share"])
 
 
 def _plot(rows: list[dict], path: Path, n: int) -> None:
@@ -58,7 +59,7 @@ def _plot(rows: list[dict], path: Path, n: int) -> None:
                             xytext=(8, -12), fontsize=8)
     front = pareto(rows)
     ax.plot([100 * r["flops_share"] for r in front], [100 * r["accuracy"] for r in front], "k--", linewidth=1,
-            alpha=0.5, label="Pareto front")
+            alpha=0.5, drawstyle="steps-post", label="Pareto front (budgets within 0.5 pt count as equal)")
     ax.set_xlabel("prefill FLOPs, % of dense (complete convention: decoder + lm_head)")
     ax.set_ylabel(f"test accuracy, % ({n} questions, exact match)")
     ax.set_title("Synthetic VQA (embedded default): accuracy vs prefill FLOPs\n"
