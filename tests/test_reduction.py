@@ -221,3 +221,20 @@ def test_string_field_is_validated_and_saved(tmp_path):
     with pytest.raises(ValueError, match="string must be true or false"):
         pmod.ModConfig(string="no")
     assert pmod.PmodForConditionalGeneration(cfg).language_model.route_specs[1].string is False
+
+
+def test_gradient_checkpointing_with_a_reduction_changes_nothing():
+    """Checkpointing re-runs a MoD layer in backward: it must see that layer's own (reduced) layout."""
+    ids, mask, pix = _batch()
+    grads = []
+    for ckpt in (False, True):
+        model = tiny_model(layers=6).train()
+        model.reduction = ReductionSpec("pyramiddrop", (1, 3), 0.6)
+        if ckpt:
+            model.gradient_checkpointing_enable()
+        loss = model(input_ids=ids, images=pix, attention_mask=mask, labels=ids.masked_fill(ids < 0, -100)).loss
+        loss.backward()
+        grads.append([p.grad.clone() for p in model.language_model.parameters() if p.grad is not None])
+    assert len(grads[0]) == len(grads[1])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

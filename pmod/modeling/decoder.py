@@ -84,7 +84,8 @@ class LanguageModel(nn.Module):
                 if layout.inject is not None and i in layout.inject:
                     x = x.index_add(0, layout.vision_dest, layout.inject[i].to(x.dtype))
                 continue
-            def step(x, cos, sin, layer=layer, router=router, spec=self.route_specs[i]):
+            # layout and ctx bound now: a reduction replaces them later in the loop, and checkpointing re-runs step
+            def step(x, cos, sin, layer=layer, router=router, spec=self.route_specs[i], layout=layout, ctx=ctx):
                 return mod_layer_forward(layer, router, spec, x, cos, sin, layout, ctx, record, self.kernel_backend)
             x, rec = self._run(step, x, cos, sin)
             if rec is not None:

@@ -26,7 +26,6 @@ class Reducer:
         self.score_at = {i - 1 for i in spec.layers} if spec.method == "fastv" else set(spec.layers)
         self.state = DropState()
         self.pending: torch.Tensor | None = None  # fastv: [B, M] attention of layer K-1, for the drop at K
-        self.kept: dict[int, list[int]] = {}  # {drop layer: vision tokens kept per row}
 
     def before(self, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: Layout):
         """At layer i's input: returns (x, cos, sin, layout), reduced if a drop happens here."""
@@ -49,7 +48,6 @@ class Reducer:
         else:
             scores = vision_attention_scores(attention, layout)
         new, idx = drop_vision(layout, scores, k)
-        self.kept[i] = k
         self.state.drop(x, idx)
         return x.index_select(0, idx), cos.index_select(0, idx), sin.index_select(0, idx), new
 
