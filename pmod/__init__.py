@@ -14,6 +14,7 @@ from pmod.multimodal.processor import PmodProcessor, load_processor
 from pmod.modeling.llava import PmodForConditionalGeneration, PmodOutput, from_pretrained
 from pmod.modeling.mod import RoutingRecord
 from pmod.packing import IMAGE_TOKEN_INDEX, IGNORE_INDEX
+from pmod.reduction import ReductionSpec
 from pmod.schedule import prd_schedule
 
 __version__ = "0.1.0"
@@ -28,5 +29,5 @@ def list_strategies() -> list[str]:
 __all__ = [
     "IMAGE_TOKEN_INDEX", "IGNORE_INDEX", "PmodConfig", "TextConfig", "VisionConfig", "ModConfig",
     "PmodForConditionalGeneration", "PmodOutput", "PmodCache", "RoutingRecord",
-    "from_pretrained", "load_config", "list_strategies", "load_processor", "PmodProcessor", "count_flops", "kv_cache_bytes", "save_pretrained", "prd_schedule",
+    "from_pretrained", "load_config", "list_strategies", "load_processor", "PmodProcessor", "count_flops", "kv_cache_bytes", "save_pretrained", "prd_schedule", "ReductionSpec",
 ]

@@ -22,6 +22,7 @@ COMMANDS = (  # (name, module with add_parser(sub))
     ("demo", "pmod.tools.demo"),
     ("compare-strategies", "pmod.tools.compare"),
     ("serve", "pmod.serve.cli"),
+    ("compare-methods", "pmod.tools.compare_methods"),
 )
 
 

@@ -46,6 +46,7 @@ class ModConfig:
     norm_bias: float = 1.0
     router_bias: bool = True
     router_init_std: float = 0.0  # 0 = zero init (the paper's `mod_special_init`)
+    string: bool = True  # STRing: scale by w (PMOD_SPEC §4.5); False, an ablation, only routes (the router gets no gradient)
 
     def __post_init__(self) -> None:
         _check(self.schedule in SCHEDULES, f"ModConfig: schedule={self.schedule!r}; expected one of {SCHEDULES}")
@@ -53,6 +54,7 @@ class ModConfig:
         _check_reals("ModConfig", self, ("avg_ratio", "max_ratio", "min_ratio", "norm_scale", "norm_bias", "router_init_std"))
         _check(self.router_init_std >= 0, f"ModConfig: router_init_std must be >= 0, got {self.router_init_std}")
         _check(isinstance(self.router_bias, bool), f"ModConfig: router_bias must be true or false, got {self.router_bias!r}")
+        _check(isinstance(self.string, bool), f"ModConfig: string must be true or false, got {self.string!r}")
         if self.layer_ratios is not None:
             _check(isinstance(self.layer_ratios, dict), f"ModConfig: layer_ratios must map layer -> ratio, got {self.layer_ratios!r}")
             try:

@@ -26,11 +26,12 @@ from dataclasses import dataclass, field
 
 from pmod.config import PmodConfig, TextConfig, VisionConfig
 from pmod.kv_bytes import KV_CONVENTIONS, KVReport, kv_cache_bytes  # re-exported: one import for both accounts
-from pmod.token_counts import NATIVE_DEFAULT_SIZE, Counts, flat, image_tokens, samples, tokens_per_layer
+from pmod.reduction.spec import ReductionSpec, visionzip_split
+from pmod.token_counts import NATIVE_DEFAULT_SIZE, Counts, flat, image_tokens, samples, scoring_flops, tokens_per_layer
 
 __all__ = [
     "CONVENTIONS", "KV_CONVENTIONS", "FlopReport", "KVReport", "linear_flops", "attention_flops",
-    "layer_linear_macs", "tokens_per_layer", "decoder_flops_from_tokens", "vision_flops", "projector_flops",
+    "layer_linear_macs", "tokens_per_layer", "scoring_flops", "decoder_flops_from_tokens", "vision_flops", "projector_flops",
     "count_flops", "kv_cache_bytes", "format_table", "format_flops", "flops_unit", "image_tokens", "NATIVE_DEFAULT_SIZE",
 ]
 
@@ -165,13 +166,15 @@ class FlopReport:
 def count_flops(
     config: PmodConfig, n_vision: Counts, n_text: Counts, convention: str = "paper", *,
     include_vision: bool = False, decode_steps: int = 0, batch: int = 1, last_only: bool = False,
-    n_images: Counts | None = None, vision_layers: int | None = None,
+    n_images: Counts | None = None, vision_layers: int | None = None, reduction: ReductionSpec | None = None,
 ) -> FlopReport:
     """FLOPs of a forward (see the module docstring for both conventions), with the dense twin in `.dense`.
 
     n_vision, n_text: per sample, an int (repeated `batch` times) or a list. n_images: S×S images through
     the tower per sample; by default n_vision / (tokens per image), which anyres layouts must pass
-    explicitly (1 + crops). Only `complete` takes include_vision, decode_steps and last_only."""
+    explicitly (1 + crops). Only `complete` takes include_vision, decode_steps and last_only. `reduction`: a
+    training-free method (`pmod.reduction`) on top of the config's layers; n_vision is then what the unreduced
+    model sees, and `complete` adds the method's scoring (`scoring_flops`)."""
     if convention not in CONVENTIONS:
         raise ValueError(f"unknown convention {convention!r}; expected one of {tuple(CONVENTIONS)}")
     if convention == "paper" and (include_vision or decode_steps or last_only):
@@ -189,21 +192,26 @@ def count_flops(
     rows = samples(n_vision, n_text, batch, n_images if include_vision else 0)
     opts = (convention, decode_steps, last_only, vision_layers)
     dense = _count(config.replace(mod={"schedule": "none"}), rows, *opts)
-    if config.is_dense:
+    if config.is_dense and reduction is None:
         return dense
-    return FlopReport(**{**_count(config, rows, *opts).__dict__, "dense": dense})
+    return FlopReport(**{**_count(config, rows, *opts, reduction).__dict__, "dense": dense})
 
 
 def _count(config: PmodConfig, rows: list[tuple[int, int, int]], convention: str, steps: int, last_only: bool,
-           vision_layers: int | None) -> FlopReport:
+           vision_layers: int | None, reduction: ReductionSpec | None = None) -> FlopReport:
     t, mod, complete = config.text, config.mod_ratios, convention == "complete"
     L, macs, lm = t.num_hidden_layers, layer_linear_macs(t), linear_flops(1, t.hidden_size, t.vocab_size)
     acc = {"per_layer": [0] * L, "tokens_per_layer": [0] * L, "kv_len_per_layer": [0] * L}
     decoder = lm_head = decode = 0
+    zip_per = sum(visionzip_split(config.vision.num_patches, reduction.keep)) if reduction and reduction.method == "visionzip" else None
     for v, n_t, _ in rows:
-        toks = tokens_per_layer(config, v, n_t)
-        router = [v if complete and i in mod else 0 for i in range(L)]
+        toks = tokens_per_layer(config, v, n_t, reduction)
+        vis = reduction.vision_per_layer(L, v, config.vision.num_patches) if reduction else [v] * L  # before routing
+        router = [vis[i] if complete and i in mod else 0 for i in range(L)]
         layers = decoder_flops_from_tokens(config, toks, router_tokens=router, attention=complete)
+        if complete:
+            layers = [a + b for a, b in zip(layers, scoring_flops(config, reduction, v, n_t))]
+        v = v if zip_per is None else v // config.vision.num_patches * zip_per  # the sequence VisionZip leaves
         # decode step j (1..s): 1 token per layer against c_l + j keys; Σ_j (c_l + j) = s·c_l + s(s+1)/2
         dec = [2 * steps * macs + 4 * t.num_attention_heads * t.head_dim * (steps * c + steps * (steps + 1) // 2)
                for c in toks]
@@ -215,7 +223,7 @@ def _count(config: PmodConfig, rows: list[tuple[int, int, int]], convention: str
         decode += sum(dec) + lm * steps
     images = sum(i for _, _, i in rows)  # 0 unless include_vision
     vision = vision_flops(config.vision, images, layers=vision_layers) if images else 0
-    projector = projector_flops(config, images * config.vision.num_patches) if images else 0
+    projector = projector_flops(config, images * (zip_per or config.vision.num_patches)) if images else 0
     return FlopReport(convention, decoder=decoder, lm_head=lm_head, vision=vision, projector=projector,
                       decode=decode, batch=len(rows), **acc)
 

@@ -1,5 +1,5 @@
-"""KV-cache bytes of a p-MoD model and its dense twin after a prefill (+ decode steps): a pure function of config and
-token counts, under one of three stated conventions (`KVReport.ratio`)."""
+"""KV-cache bytes of a p-MoD model (and a training-free reduction) and its dense twin after a prefill (+ decode steps):
+a pure function of config and token counts, under one of three stated conventions (`KVReport.ratio`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from pmod.config import PmodConfig
+from pmod.reduction.spec import ReductionSpec
 from pmod.token_counts import Counts, samples, tokens_per_layer
 
 __all__ = ["KV_CONVENTIONS", "KVReport", "kv_cache_bytes"]
@@ -45,10 +46,11 @@ class KVReport:
 
 def kv_cache_bytes(
     config: PmodConfig, n_vision: Counts, n_text: Counts, dtype: torch.dtype | int = torch.float16,
-    convention: str = "paper", *, decode_steps: int = 0, batch: int = 1,
+    convention: str = "paper", *, decode_steps: int = 0, batch: int = 1, reduction: ReductionSpec | None = None,
 ) -> KVReport:
     """KV cache held after prefill (+ decode steps): a dense layer keeps n + s entries, a MoD layer
-    n_text + k_l + s. `dtype` is a torch dtype or bytes per element."""
+    n_text + k_l + s. `dtype` is a torch dtype or bytes per element. With a `reduction` (see `count_flops`) the
+    'paper' fraction is the integer one."""
     if convention not in KV_CONVENTIONS:
         raise ValueError(f"unknown KV convention {convention!r}; expected one of {KV_CONVENTIONS}")
     if decode_steps < 0:
@@ -59,10 +61,10 @@ def kv_cache_bytes(
     per_entry = 2 * t.num_key_value_heads * t.head_dim * size
     per, dense, kept = [0] * L, [0] * L, 0
     for v, n_t, _ in rows:
-        toks = tokens_per_layer(config, v, n_t)
+        toks = tokens_per_layer(config, v, n_t, reduction)
         per = [a + per_entry * (c + decode_steps) for a, c in zip(per, toks)]
         dense = [a + per_entry * (v + n_t + decode_steps) for a in dense]
         kept += sum(c - n_t for c in toks)
     vis = sum(v for v, _, _ in rows)
-    frac = (L - len(mod) + sum(mod.values())) / L if vis else 1.0
+    frac = (L - len(mod) + sum(mod.values())) / L if vis and reduction is None else (kept / (L * vis) if vis else 1.0)
     return KVReport(convention, per, dense, frac, kept / (L * vis) if vis else 1.0)

@@ -8,9 +8,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from pmod.config import PmodConfig
+from pmod.reduction.spec import ReductionSpec
 from pmod.schedule import kept_count
 
-__all__ = ["NATIVE_DEFAULT_SIZE", "Counts", "flat", "image_tokens", "samples", "tokens_per_layer"]
+__all__ = ["NATIVE_DEFAULT_SIZE", "Counts", "flat", "image_tokens", "samples", "scoring_flops", "tokens_per_layer"]
 
 Counts = int | Sequence[int]  # per sample: one value repeated over the batch, or one per sample
 NATIVE_DEFAULT_SIZE = (672, 672)  # Qwen2.5-VL has no grid to default to: the LLaVA-NeXT comparison size
@@ -48,11 +49,28 @@ def image_tokens(config: PmodConfig, image_size_wh: tuple[int, int] | None = Non
     return images * n, images * (1 + gw * gh)
 
 
-def tokens_per_layer(config: PmodConfig, n_vision: int, n_text: int) -> list[int]:
-    """n_l: all n tokens in a dense layer, n_text + k_l in a MoD layer (k_l truncated as the official code does)."""
-    ratios = config.mod_ratios
-    return [n_text + (kept_count(n_vision, ratios[i]) if i in ratios else n_vision)
-            for i in range(config.text.num_hidden_layers)]
+def tokens_per_layer(config: PmodConfig, n_vision: int, n_text: int, reduction: ReductionSpec | None = None) -> list[int]:
+    """n_l: all n tokens in a dense layer, n_text + k_l in a MoD layer (k_l truncated as the official code does); with
+    a training-free `reduction`, of the vision tokens it leaves at layer l (`ReductionSpec.vision_per_layer`)."""
+    ratios, L = config.mod_ratios, config.text.num_hidden_layers
+    vis = reduction.vision_per_layer(L, n_vision, config.vision.num_patches) if reduction else [n_vision] * L
+    return [n_text + (kept_count(v, ratios[i]) if i in ratios else v) for i, v in enumerate(vis)]
+
+
+def scoring_flops(config: PmodConfig, reduction: ReductionSpec | None, n_vision: int, n_text: int) -> list[int]:
+    """Per layer, what ranking the vision tokens costs: FastV (at layer K-1) and PyramidDrop (at a stage layer) run
+    k_proj over the layer's n tokens, q_proj on the last one and its n scores: 2·n·d·g·e + 2·d·h·e + 2·h·e·n."""
+    t, L = config.text, config.text.num_hidden_layers
+    out = [0] * L
+    if reduction is None or reduction.method not in ("fastv", "pyramiddrop"):
+        return out
+    vis = [n_vision] + reduction.vision_per_layer(L, n_vision)  # vis[l]: vision tokens at layer l's input, pre-drop
+    he, ge = t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim
+    for drop in reduction.layers:
+        at = drop - 1 if reduction.method == "fastv" else drop
+        n = n_text + vis[at]
+        out[at] += 2 * n * t.hidden_size * ge + 2 * t.hidden_size * he + 2 * he * n
+    return out
 
 
 def samples(n_vision: Counts, n_text: Counts, batch: int, images: Counts | None = 0) -> list[tuple[int, int, int]]:

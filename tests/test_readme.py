@@ -192,6 +192,7 @@ RULES: list[tuple[str, object, bool]] = [  # (the command, as a regular expressi
     (r"pmod bench --device cuda .*", _gpu_bench, False),
     (r"pmod compare-strategies .*", _pmod_slow(["--rows", "full,lora", "--steps", "3", "--base-steps", "2",
                                                 "--batch-size", "4", "--n-train", "12", "--n-val", "6"]), SLOW),
+    (r"pmod compare-methods .*", _pmod_slow(["--n-test", "8", "--methods", "fastv", "--budgets", "pmod"]), SLOW),
     (r"pmod eval .*--tasks pmod_synth.*", _eval, SLOW),
     (r"pmod serve --model \S+ --port 8000 &", _pmod_serve, False),
     (r"curl -s http://127\.0\.0\.1:8000/v1/chat/completions .*", _curl, False),

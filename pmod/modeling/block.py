@@ -74,16 +74,23 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.D, cfg.rms_norm_eps)
         self.scale = self.D**-0.5
 
+    def queries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """q [N, H, D] with RoPE, of the normed input x [N, C]; cos, sin: `rope_tables` [N, 1, 2, D/2]."""
+        return self._rope(self.q_proj(x), self.H, getattr(self, "q_norm", None), cos, sin)
+
+    def keys(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """k [N, G, D] with RoPE (what the cache stores), of the normed input x [N, C]."""
+        return self._rope(self.k_proj(x), self.G, getattr(self, "k_norm", None), cos, sin)
+
+    def _rope(self, y: torch.Tensor, heads: int, norm, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        if norm is not None:  # Qwen3: per-head RMSNorm before RoPE
+            return apply_rope_tables(norm(y.view(y.shape[0], heads, self.D)), cos, sin)
+        # viewed as halves at once: one operator fewer per projection in every decode step
+        return apply_rope_tables(y.view(y.shape[0], heads, 2, self.D // 2), cos, sin)
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
         N = x.shape[0]
-        # cos, sin: `rope_tables` [N, 1, 2, D/2]
-        if hasattr(self, "q_norm"):  # Qwen3: per-head RMSNorm before RoPE
-            q = self.q_norm(self.q_proj(x).view(N, self.H, self.D))  # [N, H, D]
-            k = self.k_norm(self.k_proj(x).view(N, self.G, self.D))  # [N, G, D]
-        else:  # viewed as halves at once: one operator fewer per projection in every decode step
-            q = self.q_proj(x).view(N, self.H, 2, self.D // 2)
-            k = self.k_proj(x).view(N, self.G, 2, self.D // 2)
-        q, k = apply_rope_tables(q, cos, sin), apply_rope_tables(k, cos, sin)  # [N, H, D], [N, G, D]
+        q, k = self.queries(x, cos, sin), self.keys(x, cos, sin)  # [N, H, D], [N, G, D]
         v = self.v_proj(x).view(N, self.G, self.D)  # [N, G, D]
         if ctx.decode:  # N = B rows, one new token each
             k_cache, v_cache, seqlens, uniform = ctx.cache.append(self.layer_idx, k, v)

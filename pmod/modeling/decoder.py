@@ -16,6 +16,8 @@ from pmod.modeling.mod import RouteSpec, RoutingRecord, mod_layer_forward
 from pmod.modeling.mrope import mrope_cos_sin
 from pmod.modeling.rope import rope_cos_sin, rope_inv_freq, rope_tables, tables_from_cos_sin
 from pmod.packing import Layout
+from pmod.reduction.policy import Reducer
+from pmod.reduction.spec import ReductionSpec
 
 __all__ = ["LanguageModel"]
 
@@ -31,7 +33,8 @@ class LanguageModel(nn.Module):
         self.ratios = config.mod_ratios  # {layer: ratio}
         self.routers = nn.ModuleDict({str(i): nn.Linear(t.hidden_size, 1, bias=config.mod.router_bias) for i in self.ratios})
         m = config.mod
-        self.route_specs = {i: RouteSpec(i, r, m.norm, m.norm_scale, m.norm_bias) for i, r in self.ratios.items()}
+        self.route_specs = {i: RouteSpec(i, r, m.norm, m.norm_scale, m.norm_bias, m.string) for i, r in self.ratios.items()}
+        self.reduction: ReductionSpec | None = None  # a training-free drop of vision tokens (pmod.reduction), prefill only
         self.kernel_backend = "auto"  # pmod_kernels backend of the MoD ops: "auto", "torch" or "triton"
         self.gradient_checkpointing = False
         self._inv_freq: dict[torch.device, torch.Tensor] = {}
@@ -66,21 +69,31 @@ class LanguageModel(nn.Module):
         route = layout.has_vision
         if route:
             layout.prepare_routes(self.ratios.values())  # every layer's plan in one host-to-device copy
+        # a continuation chunk is not reduced: its last token's attention would span the cached prefix too
+        reducer = Reducer(self.reduction, self.layers) if self.reduction is not None and route and not ctx.extend else None
         for i, layer in enumerate(self.layers):
             x, cos, sin = _to(layer, x, cos, sin)
+            if reducer is not None:
+                x, cos, sin, new = reducer.before(i, x, cos, sin, layout)
+                if new is not layout:  # vision tokens left for good: later layers run and cache the rest only
+                    layout, route = new, new.has_vision
+                    ctx = AttnContext(ctx.backend, layout.varlen, ctx.cache, ctx.decode, ctx.extend)
             router = self.routers[str(i)] if (route and str(i) in self.routers) else None
             if router is None:
                 x = self._run(layer, x, cos, sin, ctx)
                 if layout.inject is not None and i in layout.inject:
                     x = x.index_add(0, layout.vision_dest, layout.inject[i].to(x.dtype))
                 continue
-            def step(x, cos, sin, layer=layer, router=router, spec=self.route_specs[i]):
+            # layout and ctx bound now: a reduction replaces them later in the loop, and checkpointing re-runs step
+            def step(x, cos, sin, layer=layer, router=router, spec=self.route_specs[i], layout=layout, ctx=ctx):
                 return mod_layer_forward(layer, router, spec, x, cos, sin, layout, ctx, record, self.kernel_backend)
             x, rec = self._run(step, x, cos, sin)
             if rec is not None:
                 records.append(rec)
             if layout.inject is not None and i in layout.inject:  # DeepStack: after a dense or MoD layer alike
                 x = x.index_add(0, layout.vision_dest, layout.inject[i].to(x.dtype))
+        if reducer is not None:
+            x = reducer.restore(x)  # [N, C] of the input layout: a dropped token keeps its state from its drop
         return self.norm(x), records
 
     def decode(self, x: torch.Tensor, positions: torch.Tensor, ctx: AttnContext) -> torch.Tensor:

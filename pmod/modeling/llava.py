@@ -20,15 +20,17 @@ from pmod.attention import resolve_backend
 from pmod.cache import PmodCache
 from pmod.config import PmodConfig
 from pmod.io import load_checkpoint, save_pretrained
+from pmod.modeling import features
 from pmod.modeling.block import AttnContext
 from pmod.modeling.chunk import advance_positions, check_continuable, chunk_layout
 from pmod.modeling.decoder import LanguageModel
-from pmod.modeling.init import init_weights
 from pmod.modeling.head import next_token_loss, output_logits
+from pmod.modeling.init import init_weights
 from pmod.modeling.mod import RoutingRecord
 from pmod.modeling.projector import build_projector
 from pmod.modeling.vision import build_vision_tower
 from pmod.packing import Layout, build_layout
+from pmod.reduction import ReductionSpec, check_reduction, make_spec
 from pmod.validation import check_batch, check_images
 
 __all__ = ["PmodForConditionalGeneration", "PmodOutput", "from_pretrained"]
@@ -64,12 +66,12 @@ class PmodForConditionalGeneration(nn.Module):
         self._compiled = None  # a CompiledDecoder after `compile()`
 
     # --- construction ---------------------------------------------------------------------------
-    def init_weights(self, std: float | None = None) -> "PmodForConditionalGeneration":
+    def init_weights(self, std: float | None = None) -> PmodForConditionalGeneration:
         """Fresh weights for the decoder side (`pmod.modeling.init.init_weights` documents every tensor's init)."""
         return init_weights(self, std)
 
     @classmethod
-    def from_pretrained(cls, path: str, **kwargs) -> "PmodForConditionalGeneration":
+    def from_pretrained(cls, path: str, **kwargs) -> PmodForConditionalGeneration:
         return from_pretrained(path, **kwargs)
 
     def save_pretrained(self, folder: str, **kwargs) -> None:
@@ -94,13 +96,14 @@ class PmodForConditionalGeneration(nn.Module):
             raise ValueError(f"kernel_backend={value!r}; expected 'auto', 'torch' or 'triton'")
         self.language_model.kernel_backend = value
 
-    def compile(self, **torch_compile_kwargs) -> "PmodForConditionalGeneration":
-        """Prefill and decode of the decoder through `torch.compile(fullgraph=True, **torch_compile_kwargs)`, one graph
-        each for every prompt length (`pmod.modeling.compiled`); `generate` then uses them. `disable=True` undoes it."""
-        from pmod.modeling.compiled import CompiledDecoder
+    @property
+    def reduction(self) -> ReductionSpec | None:
+        """The training-free vision-token reduction every prefill applies (`pmod.reduction`), or None."""
+        return self.language_model.reduction
 
-        self._compiled = None if torch_compile_kwargs.get("disable") else CompiledDecoder(self, **torch_compile_kwargs)
-        return self
+    @reduction.setter
+    def reduction(self, spec: ReductionSpec | str | None) -> None:
+        self.language_model.reduction = check_reduction(self.config, spec)
 
     def gradient_checkpointing_enable(self) -> None:
         self.language_model.gradient_checkpointing = True
@@ -111,53 +114,11 @@ class PmodForConditionalGeneration(nn.Module):
     # --- images ---------------------------------------------------------------------------------
     def image_token_counts(self, images, image_sizes: list[ImageSize] | None) -> list[int]:
         """Feature tokens of each image, from shapes and sizes alone (before the tower runs)."""
-        n = _num_images(images)
-        if self.config.image_aspect_ratio in ("pad", "square"):
-            return [self.config.vision.num_patches] * n
-        from pmod.multimodal.tokens import image_token_count
-
-        if self.config.image_aspect_ratio == "native":  # Qwen2.5-VL: the merged grid of each image's tensor
-            return [image_token_count(self.config, x, None) for x in ([images] if torch.is_tensor(images) else images)]
-        sizes = _check_sizes(image_sizes, n)
-        return [image_token_count(self.config, crops, s) for crops, s in zip(images, sizes)]
+        return features.image_token_counts(self, images, image_sizes)
 
     def encode_images(self, images, image_sizes: list[ImageSize] | None = None) -> torch.Tensor:
         """Pixels -> projected features of all images, concatenated in order: [sum n_i, C]."""
-        tower_trainable = any(p.requires_grad for p in self.vision_tower.parameters())
-        dev = next(self.vision_tower.parameters()).device
-        if self.config.image_aspect_ratio == "native":  # Qwen2.5-VL: the tower merges and projects itself
-            with torch.set_grad_enabled(torch.is_grad_enabled() and tower_trainable):
-                return self.vision_tower([images] if torch.is_tensor(images) else list(images))  # [sum n_i, C]
-        if self.config.image_aspect_ratio != "anyres":
-            pixels = images if torch.is_tensor(images) else torch.stack(list(images))
-            if pixels.dim() != 4:
-                raise ValueError(f"images must be [N, 3, S, S] for image_aspect_ratio={self.config.image_aspect_ratio!r}, got {tuple(pixels.shape)}")
-            with torch.set_grad_enabled(torch.is_grad_enabled() and tower_trainable):
-                feats = self.vision_tower(pixels.to(dev))  # [N, P, Cv]
-            return self.projector(feats.to(self.projector_dtype)).flatten(0, 1)  # [N*P, C]
-
-        from pmod.multimodal.anyres import assemble_anyres_features
-
-        crops = list(images)  # each [1+n_i, 3, S, S]
-        sizes = _check_sizes(image_sizes, len(crops))
-        with torch.set_grad_enabled(torch.is_grad_enabled() and tower_trainable):
-            feats = self.vision_tower(torch.cat(crops).to(dev))  # [sum(1+n_i), P, Cv]
-        feats = self.projector(feats.to(self.projector_dtype)).split([c.shape[0] for c in crops])
-        v = self.config.vision
-        newline = getattr(self, "image_newline", None)
-        if self.config.anyres_max_crops is not None:  # LLaVA-OneVision
-            from pmod.multimodal.onevision import assemble_onevision_features
-
-            return torch.cat([
-                assemble_onevision_features(f, s, self.config.image_grid_pinpoints, v.image_size, v.image_size // v.patch_size,
-                                            newline, self.config.anyres_max_crops)
-                for f, s in zip(feats, sizes)
-            ])
-        return torch.cat([
-            assemble_anyres_features(f, s, self.config.image_grid_pinpoints, v.image_size, v.image_size // v.patch_size,
-                                     newline, self.config.mm_patch_merge_type)
-            for f, s in zip(feats, sizes)
-        ])
+        return features.encode_images(self, images, image_sizes)
 
     @property
     def projector_dtype(self) -> torch.dtype:
@@ -290,20 +251,11 @@ class PmodForConditionalGeneration(nn.Module):
         return generate(self, input_ids, images=images, image_sizes=image_sizes, attention_mask=attention_mask, **kwargs)
 
 
-def from_pretrained(path, *, attn_backend: str = "auto", **kwargs) -> PmodForConditionalGeneration:
+def from_pretrained(path, *, attn_backend: str = "auto", reduction=None, layer=None, layers=None, keep=None, seed=None,
+                    **kwargs) -> PmodForConditionalGeneration:
     """`pmod.from_pretrained`: any supported checkpoint as our model (`pmod.io.load_checkpoint` names the options:
-    dtype, device, device_map, vision_tower, config, mod, check_finite)."""
-    return load_checkpoint(path, lambda cfg: PmodForConditionalGeneration(cfg, attn_backend=attn_backend), **kwargs)
-
-
-def _num_images(images) -> int:
-    if torch.is_tensor(images):
-        return images.shape[0]
-    return len(images)
-
-
-def _check_sizes(image_sizes, n: int) -> list[ImageSize]:
-    if image_sizes is None or len(image_sizes) != n:
-        got = None if image_sizes is None else len(image_sizes)
-        raise ValueError(f"anyres needs image_sizes with one (width, height) per image: {n} image(s), {got} size(s)")
-    return [tuple(int(v) for v in s) for s in (image_sizes.tolist() if torch.is_tensor(image_sizes) else image_sizes)]
+    dtype, device, device_map, vision_tower, config, mod, check_finite). `reduction` ('fastv', 'pyramiddrop',
+    'visionzip', 'random', 'uniform' with `layer`/`layers`, `keep`, `seed`, or a ReductionSpec): `pmod.reduction`."""
+    model = load_checkpoint(path, lambda cfg: PmodForConditionalGeneration(cfg, attn_backend=attn_backend), **kwargs)
+    model.reduction = make_spec(reduction, model.config.text.num_hidden_layers, layer=layer, layers=layers, keep=keep, seed=seed)
+    return model

@@ -32,6 +32,7 @@ class RouteSpec:
     norm: str = "tanh"
     scale: float = 0.2
     shift: float = 1.0
+    string: bool = True  # False (an ablation): no STRing scaling; kept tokens get h_mid + m, skipped ones pass as h
 
 
 @dataclass
@@ -65,7 +66,8 @@ def mod_layer_forward(
     )
     sub = AttnContext(ctx.backend, plan.varlen, ctx.cache, decode=False, extend=ctx.extend)
     h_mid = layer.attend(x.index_select(0, idx), cos.index_select(0, idx), sin.index_select(0, idx), sub)  # [Nk, C]
-    out = pmod_kernels.string_merge_op(x, w_tok, idx, h_mid, layer.feed_forward(h_mid), kernel_backend)  # [N, C]
+    scale = w_tok if spec.string else torch.ones_like(w_tok)  # STRing off: the router only chooses, nothing scales
+    out = pmod_kernels.string_merge_op(x, scale, idx, h_mid, layer.feed_forward(h_mid), kernel_backend)  # [N, C]
     return out, (routing_record(spec, plan, layout, kept, w_tok) if record else None)
 
 
