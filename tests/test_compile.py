@@ -153,3 +153,19 @@ def test_compiled_falls_back_to_eager_where_it_does_not_trace():
         model.compile(backend="eager")
         got = model(**inputs, labels=inputs["input_ids"])
     assert torch.equal(got.loss, ref.loss) and _compiles() == 0
+
+
+def test_string_off_and_reduction_under_compile():
+    """The compiled stack honours ModConfig(string=False); a training-free reduction (a layout change mid-stack)
+    stays eager and gives the eager result."""
+    from pmod import ReductionSpec
+
+    import dataclasses
+
+    model = tiny_model(layers=3)
+    lm = model.language_model
+    lm.route_specs = {i: dataclasses.replace(s, string=False) for i, s in lm.route_specs.items()}
+    _check_equal(*_eager_then_compiled(model, _inputs("pmod"), new_tokens=3, backend="eager"))
+    model = tiny_model(layers=3)
+    model.reduction = ReductionSpec("fastv", (1,), 0.5)
+    _check_equal(*_eager_then_compiled(model, _inputs("pmod"), new_tokens=3, backend="eager"))

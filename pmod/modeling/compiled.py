@@ -65,7 +65,8 @@ def prefill_stack(model, x, tables, position_ids, inv_freq, full: PackedRows, vi
             plan.k, plan.k_range.shape[0], plan.rows.row.shape[0], spec.norm, spec.scale, spec.shift, "torch")
         sub = AttnContext(attn, plan.rows, kv)
         h_mid = layer.attend(x.index_select(0, idx), cos.index_select(0, idx), sin.index_select(0, idx), sub)  # [Nk, C]
-        x = string_merge_eager(x, w_tok, idx, h_mid, layer.feed_forward(h_mid), "torch")  # [N, C]
+        scale = w_tok if spec.string else torch.ones_like(w_tok)  # STRing off (an ablation): nothing scales
+        x = string_merge_eager(x, scale, idx, h_mid, layer.feed_forward(h_mid), "torch")  # [N, C]
         routes.append((kept, w_tok))
     kvs = tuple(kv.kv[i] for i in range(len(lm.layers))) if want_kv else ()
     return lm.norm(x), kvs, tuple(routes)
@@ -106,7 +107,9 @@ class CompiledDecoder:
         return self._one_device[1]
 
     def takes_prefill(self, layout: Layout, backend, labels, extend: bool) -> bool:
-        return labels is None and not extend and layout.inject is None and self._takes(backend)
+        # a training-free reduction changes the layout mid-stack: it stays eager
+        return (labels is None and not extend and layout.inject is None and self.model.language_model.reduction is None
+                and self._takes(backend))
 
     def takes_decode(self, cache, backend) -> bool:
         return not cache.static and cache.steps_left() >= 1 and self._takes(backend)  # else eager grows the cache

@@ -96,6 +96,14 @@ class PmodForConditionalGeneration(nn.Module):
             raise ValueError(f"kernel_backend={value!r}; expected 'auto', 'torch' or 'triton'")
         self.language_model.kernel_backend = value
 
+    def compile(self, **torch_compile_kwargs) -> PmodForConditionalGeneration:
+        """Prefill and decode of the decoder through `torch.compile(fullgraph=True, **torch_compile_kwargs)`, one graph
+        each for every prompt length (`pmod.modeling.compiled`); `generate` then uses them. `disable=True` undoes it."""
+        from pmod.modeling.compiled import CompiledDecoder
+
+        self._compiled = None if torch_compile_kwargs.get("disable") else CompiledDecoder(self, **torch_compile_kwargs)
+        return self
+
     @property
     def reduction(self) -> ReductionSpec | None:
         """The training-free vision-token reduction every prefill applies (`pmod.reduction`), or None."""
