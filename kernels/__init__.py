@@ -10,7 +10,25 @@ Legend: N packed tokens, C hidden size, Nv routed (vision) rows, Nk kept rows.
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
+import sys
+
+if __name__ != "pmod_kernels":
+    # This folder is also importable as `kernels` wherever the repository root is on sys.path (`python -m` from the
+    # root, pytest), and transformers imports `kernels` to probe for Hugging Face's kernel hub (a package without
+    # metadata gets imported). A second copy would run ops.py again, and custom_op's re-registration of pmod::route
+    # destroys the first registration while pmod_kernels.route still calls through it: a dangling operator handle,
+    # hence the intermittent std::bad_alloc / vector::reserve (kernels/ops.py). Any other name is pmod_kernels.
+    try:
+        _real = importlib.import_module("pmod_kernels")
+    except ModuleNotFoundError:  # not installed: this is the only copy, nothing to alias
+        _real = None
+    if _real is not None:
+        for _name, _mod in list(sys.modules.items()):
+            if _name == "pmod_kernels" or _name.startswith("pmod_kernels."):
+                sys.modules[__name__ + _name[len("pmod_kernels"):]] = _mod  # `from . import ops` below finds these
+        sys.modules[__name__] = _real  # what the importer hands out; the rest of this copy only re-binds names
 
 import torch
 
@@ -106,7 +124,7 @@ def string_merge(
 
 from . import ops  # noqa: E402  (registers pmod::route, pmod::string_merge)
 
-# What the MoD layer calls: the registered operators with PMOD_FUSED_OPS=1, else their bodies as plain functions
-# (the reason is in ops.py). The operators themselves stay reachable as ops.route / ops.string_merge_op.
+# What the MoD layer calls: the registered operators (one top-level operator each), or with PMOD_FUSED_OPS=0 their
+# bodies as plain functions (same values). The operators stay reachable as ops.route / ops.string_merge_op.
 route = ops.route if ops.FUSED else ops.route_eager
 string_merge_op = ops.string_merge_op if ops.FUSED else ops.string_merge_eager

@@ -104,6 +104,23 @@ class PmodCache(CacheRows):
         k_all, v_all = self.k[layer].narrow(self.slot_dim, 0, need), self.v[layer].narrow(self.slot_dim, 0, need)
         return k_all, v_all, self.seqlens[layer], lo == hi
 
+    def append_in_kernel(self, layer: int, attend):
+        """Decode where the attention kernel writes the new slot itself (flash_attn_with_kvcache(k=, v=)):
+        `attend(k_store, v_store, seqlens)` gets the layer's whole storage, with room for one more slot, and the
+        device lengths [B] before the write; the lengths then advance as `append`'s do. Returns attend's result."""
+        if self.k[layer] is None:
+            raise RuntimeError(f"PmodCache: layer {layer} was never prefilled; run a prefill before decoding")
+        need = max(self.lengths[layer]) + 1
+        if not self.static and need > self.k[layer].shape[self.slot_dim]:
+            self._grow(layer, max(need, 2 * self.k[layer].shape[self.slot_dim]))
+        out = attend(self.k[layer], self.v[layer], self.seqlens[layer])
+        if self.static:
+            self.seqlens[layer].add_(1)
+        else:
+            self.seqlens[layer] = self._bumped(self.seqlens[layer])
+        self.lengths[layer] = [n + 1 for n in self.lengths[layer]]
+        return out
+
     def _bumped(self, seqlens: torch.Tensor) -> torch.Tensor:
         """seqlens + 1 as a new tensor (callers may hold the old one: bench rewinds), computed once per step for
         the layers that share a lengths tensor (every dense layer, every MoD layer of one ratio)."""

@@ -10,7 +10,8 @@ import torch
 
 from pmod.attention import eager, sdpa
 
-__all__ = ["AttentionBackend", "BACKENDS", "available_backends", "resolve_backend", "flash_attn_available"]
+__all__ = ["AttentionBackend", "BACKENDS", "available_backends", "resolve_backend", "flash_attn_available",
+           "write_through"]
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,23 @@ class AttentionBackend:
     heads_first_cache: bool = False
     scope: Callable[[torch.device | str], contextlib.AbstractContextManager] = lambda device: contextlib.nullcontext()
     """scope(device): a context the model enters once per forward / decode step (kernel choices of the backend)."""
+    decode_step: Callable | None = None
+    """decode_step(q [B, H, D], k_new, v_new [B, G, D], cache, layer, scale) -> [B, H, D]: writes the new token into
+    the PmodCache layer and attends, the one entry a decode step calls. Default: `write_through(decode)`."""
+
+    def __post_init__(self):
+        if self.decode_step is None:
+            object.__setattr__(self, "decode_step", write_through(self.decode))
+
+
+def write_through(decode: Callable) -> Callable:
+    """A decode_step for kernels that read a cache already written (SDPA, eager): PmodCache.append, then decode."""
+
+    def decode_step(q, k_new, v_new, cache, layer: int, scale: float):
+        k_cache, v_cache, seqlens, uniform = cache.append(layer, k_new, v_new)
+        return decode(q, k_cache, v_cache, seqlens, scale, uniform)
+
+    return decode_step
 
 
 def flash_attn_available() -> bool:
@@ -33,7 +51,7 @@ def flash_attn_available() -> bool:
 def _flash() -> AttentionBackend:
     from pmod.attention import flash
 
-    return AttentionBackend("flash", flash.prefill, flash.decode)
+    return AttentionBackend("flash", flash.prefill, flash.decode, decode_step=flash.decode_step)  # the kernel inserts k, v
 
 
 BACKENDS: dict[str, Callable[[], AttentionBackend]] = {

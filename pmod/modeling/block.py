@@ -92,9 +92,8 @@ class Attention(nn.Module):
         N = x.shape[0]
         q, k = self.queries(x, cos, sin), self.keys(x, cos, sin)  # [N, H, D], [N, G, D]
         v = self.v_proj(x).view(N, self.G, self.D)  # [N, G, D]
-        if ctx.decode:  # N = B rows, one new token each
-            k_cache, v_cache, seqlens, uniform = ctx.cache.append(self.layer_idx, k, v)
-            o = ctx.backend.decode(q, k_cache, v_cache, seqlens, self.scale, uniform)
+        if ctx.decode:  # N = B rows, one new token each; the backend writes the cache (flash: inside its kernel)
+            o = ctx.backend.decode_step(q, k, v, ctx.cache, self.layer_idx, self.scale)
         elif ctx.extend:  # N new tokens of B rows (ctx.varlen), after each row's cached slots
             k_cache, v_cache, past = ctx.cache.extend(self.layer_idx, k, v, ctx.varlen)
             o = extend_attention(ctx.backend.name, q, k_cache, v_cache, past, ctx.varlen, self.scale, ctx.cache.heads_first)
