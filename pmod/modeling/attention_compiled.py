@@ -82,6 +82,11 @@ class TracedAttention:
                                            enable_gqa=q.shape[1] != k_cache.shape[1])  # [B, H, 1, D]
         return o[:, :, 0]
 
+    def decode_step(self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, cache, layer: int, scale: float):
+        """The `AttentionBackend.decode_step` entry: write through the traced cache, then attend."""
+        k_cache, v_cache, seqlens, uniform = cache.append(layer, k_new, v_new)
+        return self.decode(q, k_cache, v_cache, seqlens, scale, uniform)
+
 
 class CollectKV:
     """Prefill: keeps each layer's (k, v) [N_l, G, D]; the host stores them into the `PmodCache` after the graph."""
