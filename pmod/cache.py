@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pmod.cache_report import CacheReports
 from pmod.cache_rows import CacheRows
 from pmod.cache_static import StaticKV, load_static
 from pmod.packing import Varlen
@@ -37,7 +38,7 @@ class CacheSnapshot:
     positions: torch.Tensor | None  # [B] long
 
 
-class PmodCache(CacheRows):
+class PmodCache(CacheRows, CacheReports):
     def __init__(self, num_layers: int, batch_size: int, reserve: int = 0, heads_first: bool = False):
         self.num_layers, self.batch_size, self.reserve = num_layers, batch_size, reserve
         self.heads_first = heads_first
@@ -139,7 +140,7 @@ class PmodCache(CacheRows):
         """A point to rewind to (`restore`): lengths, seqlens and positions, no KV copy (slots past a length are
         never read, and later writes land past every length). Static mode clones its in-place tensors (once here,
         not per step); a dynamic cache replaces those tensors instead of writing them, so they are kept by reference."""
-        keep = (lambda t: None if t is None else t.clone()) if self.static else (lambda t: t)  # noqa: E731
+        keep = (lambda t: None if t is None else t.clone()) if self.static else (lambda t: t)
         snap = CacheSnapshot(next(_SNAP_IDS), tuple(tuple(r) for r in self.lengths), tuple(keep(t) for t in self.seqlens),
                              keep(self.positions))
         self._snaps.add(snap.seq)
@@ -255,12 +256,12 @@ class PmodCache(CacheRows):
         k_all = self.k[layer].narrow(self.slot_dim, 0, need)
         return k_all, self.v[layer].narrow(self.slot_dim, 0, need), past
 
-    def copy(self, spare: int | None = None) -> "PmodCache":
+    def copy(self, spare: int | None = None) -> PmodCache:
         """An independent cache with the same contents: continue one prefix several ways, each from its own copy.
         `spare=None` keeps the capacity; `spare=n` sizes each layer to its filled slots + n (the chunk and the
         decode steps to come: no reallocation later). A static cache copies as a dynamic one."""
         out = PmodCache(self.num_layers, self.batch_size, reserve=self.reserve, heads_first=self.heads_first)
-        clone = lambda t: None if t is None else t.clone()  # noqa: E731
+        clone = lambda t: None if t is None else t.clone()
         for i in range(self.num_layers):
             if self.k[i] is None or spare is None:
                 out.k[i], out.v[i] = clone(self.k[i]), clone(self.v[i])
@@ -271,32 +272,6 @@ class PmodCache(CacheRows):
         out.lengths = [list(row) for row in self.lengths]
         out.positions = clone(self.positions)
         return out
-
-    # --- reports --------------------------------------------------------------------------------
-    def layer_lengths(self) -> list[int] | torch.Tensor:
-        """Tokens held per layer: list[int] for one row, else LongTensor [L, B]."""
-        if self.batch_size == 1:
-            return [row[0] for row in self.lengths]
-        return torch.tensor(self.lengths, dtype=torch.long)
-
-    def layer_nbytes(self) -> list[int]:
-        """Bytes held per layer (keys + values of the tokens stored, not the spare capacity)."""
-        out = []
-        for i in range(self.num_layers):
-            k = self.k[i]
-            out.append(0 if k is None else sum(self.lengths[i]) * self.token_nbytes(i))
-        return out
-
-    def token_nbytes(self, layer: int) -> int:
-        """Bytes one token takes in `layer` (keys + values over all kv heads)."""
-        k = self.k[layer]
-        return 2 * k.shape[3 - self.slot_dim] * k.shape[3] * k.element_size()  # G * D, read from the shape (B or S may be 0)
-
-    def nbytes(self) -> int:
-        return sum(self.layer_nbytes())
-
-    def allocated_nbytes(self) -> int:
-        return sum(2 * k.numel() * k.element_size() for k in self.k if k is not None)
 
     def __len__(self) -> int:
         return self.num_layers
