@@ -3,7 +3,7 @@
 #
 #   1. pmod bench --device cuda --preset gpu-7b   (Vicuna-7B shapes, bf16, random weights built on the GPU;
 #      576 and 2880 vision tokens; decode at batch 1 and 8; vs transformers; packed vs padded)  ~1.5-3 min
-#   1b. the same weights, sections prefill_batch + generate_e2e (pmod/bench/sections_e2e.py; its own process and
+#   1b. the same weights, sections prefill_batch + generate_e2e (pmod/bench/section_e2e.py; its own process and
 #      output folder, so that one failing cannot take the other's numbers): prefill at batch 1 / 8 / 32, and
 #      576 (2880) + 64 -> 64 new tokens: TTFT, decode tok/s, total; dense vs p-MoD; eager vs CUDA graph (vs
 #      compiled when the model class has its own compile())                                     ~2 min

@@ -18,7 +18,6 @@ from pmod.bench.presets import PRESETS, Preset, resolve_preset, schedules
 from pmod.bench.registry import BenchContext, get_section, section_names
 from pmod.bench.report import atomic_write, evaluate_checks, plot_speedup, write_markdown
 from pmod.bench.sections import _routing_nontrivial, ideal_curve  # (importing sections registers the built-ins)
-from pmod.bench import sections_e2e  # noqa: F401, E402  registers prefill_batch and generate_e2e after them
 from pmod.bench.timing import _cpu_seconds, _loadavg, _others_share, machine_info, ticking
 
 

@@ -13,4 +13,5 @@ from pmod.bench.section_hf import StepClock, bench_hf_decode, bench_hf_prefill, 
 from pmod.bench.section_batching import bench_batching, bench_packing  # noqa: F401  (batching, packing)
 from pmod.bench.section_train import bench_train_step  # noqa: F401  (train_step, an extra)
 from pmod.bench.section_kernels import bench_kernels  # noqa: F401  (kernels, an extra)
+from pmod.bench import section_e2e  # noqa: F401  (prefill_batch, generate_e2e)
 # isort: on
