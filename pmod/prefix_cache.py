@@ -145,13 +145,8 @@ class PrefixCache:
 
     def get(self, key: str, spare: int | None = None) -> PmodCache | None:
         """A copy of the cache stored under `key` (counted as a hit; `spare` as in `PmodCache.copy`), or None (a miss)."""
-        entry = self._entries.get(key)
-        if entry is None:
-            self.misses += 1
-            return None
-        self._entries.move_to_end(key)
-        self.hits += 1
-        return entry[0].copy(spare)
+        found = self.lookup(key)
+        return None if found is None else found[0].copy(spare)
 
     def lookup(self, key: str) -> tuple[PmodCache, object] | None:
         """(the stored cache itself, its meta) counted as a hit, or None (a miss). The cache is shared: read it

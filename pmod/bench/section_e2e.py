@@ -23,6 +23,7 @@ from torch import nn
 from pmod.bench.calls import make_prompt, prefill
 from pmod.bench.registry import BenchContext, Section, register_section
 from pmod.bench.report import _table
+from pmod.bench.section_hf import StepClock
 from pmod.bench.timing import _median, time_interleaved
 from pmod.flops import count_flops
 from pmod.generate import generate
@@ -88,25 +89,6 @@ def _prefill_dropped(model, prompt) -> None:
     prefill(model, prompt)  # the cache is dropped on return: one model's cache alive at a time
 
 
-class _Stamps:
-    """A generate streamer (transformers' protocol): the prompt `put` is skipped, each new token stamped; on CUDA
-    after a synchronize, so a stamp marks a token that exists."""
-
-    def __init__(self, cuda: bool):
-        self.cuda, self.skip, self.stamps = cuda, True, []
-
-    def put(self, value) -> None:
-        if self.skip:
-            self.skip = False
-            return
-        if self.cuda:
-            torch.cuda.synchronize()
-        self.stamps.append(time.perf_counter())
-
-    def end(self) -> None:
-        pass
-
-
 def has_own_compile(model) -> bool:
     """True when the model class defines `compile` (our switch), not only nn.Module's in-place `compile`."""
     return getattr(type(model), "compile", None) is not nn.Module.compile
@@ -150,7 +132,7 @@ def _one_generation(model, prompt, n: int, graph: bool, cuda: bool, laps: list, 
                     tokens: dict):
     if mode in errors:
         return None
-    clock = _Stamps(cuda)
+    clock = StepClock("cuda" if cuda else "cpu")
     try:
         if cuda:
             torch.cuda.synchronize()
