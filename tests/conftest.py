@@ -111,3 +111,18 @@ def planted_pickle(path, marker) -> None:
     """Write a pickle (in torch.save's zip format, as a real optimizer.bin or custom_checkpoint_0.pkl would be)
     whose unpickling creates `marker`."""
     torch.save({"state": _Payload(marker)}, path)
+
+
+def official_anyres_checkpoint(official_dir: Path, tmp_path: Path) -> Path:
+    """The official tiny checkpoint as LLaVA-NeXT (anyres + spatial_unpad): its weights plus image_newline."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    ck = tmp_path / "anyres"
+    shutil.copytree(official_dir / "checkpoint", ck)
+    shutil.copy(official_dir / "anyres" / "config.json", ck / "config.json")
+    sd = load_file(ck / "model.safetensors")
+    sd.update(load_file(official_dir / "anyres" / "image_newline.safetensors"))
+    save_file(sd, ck / "model.safetensors")
+    return ck

@@ -3,11 +3,9 @@ lengths reuse its graphs. Inductor compiles take a minute each on a small CPU (c
 the default suite checks tracing and compile counts with dynamo's `eager` backend (same graphs, no codegen)."""
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
-from conftest import make_batch, tiny_model
+from conftest import make_batch, official_anyres_checkpoint, tiny_model
 from torch._dynamo.utils import counters
 
 import pmod
@@ -39,15 +37,9 @@ def _inputs(case: str):
 
 
 def _anyres_model(official_dir, tmp_path):
-    """The official tiny checkpoint as LLaVA-NeXT (anyres + spatial_unpad), as tests/test_official_fixture.py builds it."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
-    ck = tmp_path / "anyres"
-    shutil.copytree(official_dir / "checkpoint", ck)
-    shutil.copy(official_dir / "anyres" / "config.json", ck / "config.json")
-    sd = load_file(ck / "model.safetensors")
-    sd.update(load_file(official_dir / "anyres" / "image_newline.safetensors"))
-    save_file(sd, ck / "model.safetensors")
+    ck = official_anyres_checkpoint(official_dir, tmp_path)
     ref = load_file(official_dir / "anyres.safetensors")
     inputs = {"input_ids": ref["input_ids"], "images": ref["images"], "image_sizes": ref["image_sizes_wh"].tolist()}
     return pmod.from_pretrained(ck).eval(), inputs
@@ -158,9 +150,9 @@ def test_compiled_falls_back_to_eager_where_it_does_not_trace():
 def test_string_off_and_reduction_under_compile():
     """The compiled stack honours ModConfig(string=False); a training-free reduction (a layout change mid-stack)
     stays eager and gives the eager result."""
-    from pmod import ReductionSpec
-
     import dataclasses
+
+    from pmod import ReductionSpec
 
     model = tiny_model(layers=3)
     lm = model.language_model

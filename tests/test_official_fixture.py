@@ -5,6 +5,7 @@ import re
 
 import pytest
 import torch
+from conftest import official_anyres_checkpoint
 from safetensors.torch import load_file
 
 import pmod
@@ -80,16 +81,7 @@ def test_generate_matches_official(model, pixels, official_dir):
 
 def test_anyres_prefill(official_dir, tmp_path):
     """LLaVA-NeXT anyres + spatial_unpad: same weights plus image_newline, one non-square image."""
-    import shutil
-
-    from safetensors.torch import save_file
-
-    ck = tmp_path / "anyres"
-    shutil.copytree(official_dir / "checkpoint", ck)
-    shutil.copy(official_dir / "anyres" / "config.json", ck / "config.json")
-    sd = load_file(ck / "model.safetensors")
-    sd.update(load_file(official_dir / "anyres" / "image_newline.safetensors"))
-    save_file(sd, ck / "model.safetensors")
+    ck = official_anyres_checkpoint(official_dir, tmp_path)
     model = pmod.from_pretrained(ck)
     ref = load_file(official_dir / "anyres.safetensors")
     sizes = ref["image_sizes_wh"].tolist()
